@@ -1,0 +1,3 @@
+from atsmail.cli import main
+
+main()

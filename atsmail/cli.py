@@ -1,0 +1,473 @@
+"""The `atsmail` command: thin click commands over the store and the gateway.
+
+Exit codes: 0 success, 1 a user error (one line on stderr, no traceback),
+2 bad usage. Every list or show command takes `--json` and then prints
+exactly one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from atsmail.config import Config, ConfigError, find_config_path, load_config
+from atsmail.rules import decide, read_message
+from atsmail.storage import Store, UserError
+from atsmail.storage.models import ROLES
+
+T = TypeVar("T")
+
+
+def _config(ctx: click.Context) -> Config:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "config" not in obj:
+        try:
+            obj["config"] = load_config(find_config_path(obj.get("config_path")))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    config: Config = obj["config"]
+    return config
+
+
+def _run(ctx: click.Context, work: Callable[[Store], Awaitable[T]],
+         check_schema: bool = True) -> T:
+    """Open the store, run `work`, close it; user errors become exit 1."""
+    config = _config(ctx)
+
+    async def main() -> T:
+        store = Store.open(config.storage.url)
+        try:
+            if check_schema:
+                await store.ensure_current()
+            return await work(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(main())
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise click.ClickException(
+            f"cannot use the store at {config.storage.url}: {detail}") from None
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _table(rows: list[list[str]], empty: str) -> None:
+    if not rows:
+        click.echo(empty)
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH",
+              help="Configuration file (default: $ATSMAIL_CONFIG, else ./atsmail.toml).")
+@click.version_option(package_name="atsmail")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """atsmail: capture candidate mail between your mail system and your ATS."""
+    ctx.ensure_object(dict)["config_path"] = config_path
+
+
+@main.command()
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Create the store, or upgrade it to this version's schema."""
+    config = _config(ctx)
+    if config.storage.url.startswith("sqlite"):
+        path = config.storage.url.partition(":///")[2]
+        if path and not path.startswith(":memory:"):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _run(ctx, lambda store: store.migrate(), check_schema=False)
+    click.echo(f"store ready: {config.storage.url}")
+
+
+@main.command()
+@click.option("-v", "--verbose", is_flag=True, help="Log every SMTP session too.")
+@click.pass_context
+def serve(ctx: click.Context, verbose: bool) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    from atsmail.gateway.server import serve as run_gateway
+
+    config = _config(ctx)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiosmtpd logs every command at INFO; keep that for --verbose.
+    logging.getLogger("mail.log").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        asyncio.run(run_gateway(config))
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot start: {exc}") from None
+
+
+# --- team members ------------------------------------------------------------
+
+
+@main.group()
+def user() -> None:
+    """Team members: the recruiting team whose conversations are captured."""
+
+
+@user.command("add")
+@click.argument("email")
+@click.option("--name", default="", help="Display name.")
+@click.option("--role", type=click.Choice(ROLES), default="recruiter", show_default=True)
+@click.pass_context
+def user_add(ctx: click.Context, email: str, name: str, role: str) -> None:
+    """Add a team member; their address is removed from any candidate."""
+    removals = _run(ctx, lambda s: s.add_team_member(email, name, role))
+    click.echo(f"added team member {email.strip().lower()} ({role})")
+    for removal in removals:
+        click.echo(f"candidate {removal.candidate_id}: {removal.notice}", err=True)
+
+
+@user.command("list")
+@json_option
+@click.pass_context
+def user_list(ctx: click.Context, as_json: bool) -> None:
+    """List the team members."""
+    members = _run(ctx, lambda s: s.team())
+    if as_json:
+        _print_json([{"email": m.email, "name": m.name, "role": m.role,
+                      "created_at": m.created_at.isoformat()} for m in members])
+    else:
+        _table([[m.email, m.role, m.name] for m in members], "no team members")
+
+
+# --- internal domains --------------------------------------------------------
+
+
+@main.group()
+def domain() -> None:
+    """Internal domains: their addresses are never kept on a candidate."""
+
+
+@domain.command("add")
+@click.argument("name")
+@click.pass_context
+def domain_add(ctx: click.Context, name: str) -> None:
+    """Add an internal domain (subdomains count too)."""
+    removals = _run(ctx, lambda s: s.add_domain(name))
+    click.echo(f"added internal domain {name.strip().lower().removeprefix('@')}")
+    for removal in removals:
+        click.echo(f"candidate {removal.candidate_id}: {removal.notice}", err=True)
+
+
+@domain.command("remove")
+@click.argument("name")
+@click.pass_context
+def domain_remove(ctx: click.Context, name: str) -> None:
+    """Remove an internal domain."""
+    _run(ctx, lambda s: s.remove_domain(name))
+    click.echo(f"removed internal domain {name}")
+
+
+@domain.command("list")
+@json_option
+@click.pass_context
+def domain_list(ctx: click.Context, as_json: bool) -> None:
+    """List the internal domains."""
+    domains = _run(ctx, lambda s: s.domains())
+    if as_json:
+        _print_json([{"domain": d.domain, "created_at": d.created_at.isoformat()}
+                     for d in domains])
+    else:
+        _table([[d.domain] for d in domains], "no internal domains")
+
+
+# --- jobs --------------------------------------------------------------------
+
+
+@main.group()
+def job() -> None:
+    """Jobs: candidates whose every job is archived are no longer captured."""
+
+
+@job.command("add")
+@click.argument("job_id")
+@click.option("--title", required=True)
+@click.pass_context
+def job_add(ctx: click.Context, job_id: str, title: str) -> None:
+    """Add an open job."""
+    _run(ctx, lambda s: s.add_job(job_id, title))
+    click.echo(f"added job {job_id}")
+
+
+@job.command("archive")
+@click.argument("job_id")
+@click.pass_context
+def job_archive(ctx: click.Context, job_id: str) -> None:
+    """Archive a job: its candidates stop syncing unless active elsewhere."""
+    _run(ctx, lambda s: s.set_job_archived(job_id, True))
+    click.echo(f"archived job {job_id}")
+
+
+@job.command("reopen")
+@click.argument("job_id")
+@click.pass_context
+def job_reopen(ctx: click.Context, job_id: str) -> None:
+    """Reopen an archived job."""
+    _run(ctx, lambda s: s.set_job_archived(job_id, False))
+    click.echo(f"reopened job {job_id}")
+
+
+@job.command("list")
+@json_option
+@click.pass_context
+def job_list(ctx: click.Context, as_json: bool) -> None:
+    """List the jobs."""
+    jobs = _run(ctx, lambda s: s.jobs())
+    if as_json:
+        _print_json([{"id": j.id, "title": j.title, "archived": j.archived, "candidates": n}
+                     for j, n in jobs])
+    else:
+        _table([[j.id, "archived" if j.archived else "open", f"{n} candidates", j.title]
+                for j, n in jobs], "no jobs")
+
+
+# --- candidates --------------------------------------------------------------
+
+
+@main.group()
+def candidate() -> None:
+    """Candidates: the people whose conversations are captured."""
+
+
+@candidate.command("add")
+@click.argument("candidate_id")
+@click.option("--name", required=True)
+@click.option("--email", "emails", multiple=True, required=True, help="Repeat for more.")
+@click.option("--job", "jobs", multiple=True, help="A job id; repeat for more.")
+@click.pass_context
+def candidate_add(ctx: click.Context, candidate_id: str, name: str, emails: tuple[str, ...],
+                  jobs: tuple[str, ...]) -> None:
+    """Add a candidate with their addresses and jobs."""
+    refused = _run(ctx, lambda s: s.add_candidate(candidate_id, name, emails, jobs))
+    click.echo(f"added candidate {candidate_id}")
+    for text in refused:
+        click.echo(f"warning: {text}", err=True)
+
+
+@candidate.command("show")
+@click.argument("candidate_id")
+@json_option
+@click.pass_context
+def candidate_show(ctx: click.Context, candidate_id: str, as_json: bool) -> None:
+    """Show a candidate: addresses, jobs and notices."""
+    view = _run(ctx, lambda s: s.candidate(candidate_id))
+    if as_json:
+        _print_json(view.to_json())
+        return
+    click.echo(f"{view.id}  {view.name}")
+    click.echo(f"  emails: {', '.join(view.emails) or '-'}")
+    jobs = [f"{j} (archived)" if archived else j for j, archived in view.jobs]
+    click.echo(f"  jobs:   {', '.join(jobs) or '-'}")
+    for text, at in view.notices:
+        click.echo(f"  notice {at:%Y-%m-%d %H:%M}: {text}")
+
+
+@candidate.command("list")
+@json_option
+@click.pass_context
+def candidate_list(ctx: click.Context, as_json: bool) -> None:
+    """List the candidates."""
+    views = _run(ctx, lambda s: s.candidates())
+    if as_json:
+        _print_json([v.to_json() for v in views])
+    else:
+        _table([[v.id, v.name, ", ".join(v.emails)] for v in views], "no candidates")
+
+
+@candidate.command("delete")
+@click.argument("candidate_id")
+@click.pass_context
+def candidate_delete(ctx: click.Context, candidate_id: str) -> None:
+    """Erase a candidate and everything captured only for them."""
+    erased = _run(ctx, lambda s: s.delete_candidate(candidate_id))
+    click.echo(f"deleted candidate {candidate_id} and erased {erased} messages")
+
+
+@candidate.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
+@click.pass_context
+def candidate_import(ctx: click.Context, file: io.TextIOBase) -> None:
+    """Add candidates from JSON Lines or CSV (id, name, emails, jobs).
+
+    In CSV, several emails or jobs in one cell are separated by `;`.
+    Every good record is added; each bad one is reported with its line,
+    and the command then exits 1.
+    """
+    text = file.read()
+    try:
+        records = list(_import_records(text))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def work(store: Store) -> tuple[int, list[str]]:
+        added = 0
+        problems: list[str] = []
+        for line, record in records:
+            try:
+                if isinstance(record, str):
+                    raise UserError(record)
+                refused = await store.add_candidate(*record)
+                added += 1
+                problems.extend(f"line {line}: warning: {t}" for t in refused)
+            except UserError as exc:
+                problems.append(f"line {line}: {exc}")
+        return added, problems
+
+    added, problems = _run(ctx, work)
+    click.echo(f"imported {added} candidates")
+    for problem in problems:
+        click.echo(problem, err=True)
+    if any("warning:" not in p for p in problems):
+        raise click.ClickException(f"{len(records) - added} records were not imported")
+
+
+Record = tuple[str, str, list[str], list[str]]
+
+
+def _import_records(text: str) -> Iterator[tuple[int, Record | str]]:
+    """(line number, record or the problem with it) for each record."""
+    if text.lstrip().startswith("{"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, f"not JSON: {exc.msg}"
+                continue
+            yield number, _record(item)
+        return
+    reader = csv.DictReader(io.StringIO(text))
+    missing = {"id", "name"} - set(reader.fieldnames or ())
+    if missing or not ({"email", "emails"} & set(reader.fieldnames or ())):
+        raise ValueError("CSV needs a header with id, name, emails (or email) and "
+                         "optionally jobs (or job)")
+    for row in reader:
+        item = {
+            "id": row.get("id"),
+            "name": row.get("name"),
+            "emails": _split(row.get("emails") or row.get("email") or ""),
+            "jobs": _split(row.get("jobs") or row.get("job") or ""),
+        }
+        yield reader.line_num, _record(item)
+
+
+def _split(cell: str) -> list[str]:
+    return [part.strip() for part in cell.replace(",", ";").split(";") if part.strip()]
+
+
+def _record(item: Any) -> Record | str:
+    if not isinstance(item, dict):
+        return "expected an object with id, name, emails, jobs"
+    unknown = set(item) - {"id", "name", "emails", "email", "jobs", "job"}
+    if unknown:
+        return f"unknown fields: {', '.join(sorted(unknown))}"
+    emails = item.get("emails", item.get("email", []))
+    jobs = item.get("jobs", item.get("job", []))
+    emails = [emails] if isinstance(emails, str) else emails
+    jobs = [jobs] if isinstance(jobs, str) else jobs
+    cid, name = item.get("id"), item.get("name")
+    if not isinstance(cid, str) or not isinstance(name, str) or not name.strip():
+        return "id and name must be non-empty strings"
+    if not isinstance(emails, list) or not all(isinstance(e, str) for e in emails):
+        return "emails must be a list of strings"
+    if not isinstance(jobs, list) or not all(isinstance(j, str) for j in jobs):
+        return "jobs must be a list of strings"
+    return cid, name, emails, jobs
+
+
+# --- captured mail -----------------------------------------------------------
+
+
+@main.command()
+@click.option("--candidate", "candidate_id", metavar="CANDIDATE_ID")
+@json_option
+@click.pass_context
+def threads(ctx: click.Context, candidate_id: str | None, as_json: bool) -> None:
+    """List captured threads, newest first."""
+    found = _run(ctx, lambda s: s.threads(candidate_id))
+    if as_json:
+        _print_json([t.to_json() for t in found])
+    else:
+        _table([[str(t.id), f"{t.last_date:%Y-%m-%d %H:%M}", ",".join(t.candidates),
+                 f"{t.message_count} msg", t.subject] for t in found], "no threads")
+
+
+@main.group()
+def thread() -> None:
+    """One captured thread."""
+
+
+@thread.command("show")
+@click.argument("thread_id", type=int)
+@json_option
+@click.pass_context
+def thread_show(ctx: click.Context, thread_id: int, as_json: bool) -> None:
+    """Show a thread's messages."""
+    detail = _run(ctx, lambda s: s.thread(thread_id))
+    if as_json:
+        data = detail.to_json()
+        for message in data["messages"]:
+            message.pop("trace", None)
+        _print_json(data)
+        return
+    click.echo(f"thread {detail.id}: {detail.subject}")
+    click.echo(f"candidates: {', '.join(detail.candidates)}")
+    for m in detail.messages:
+        click.echo(f"  {m['date'] or '-':25}  {m['direction']:8}  {m['from']} -> "
+                   f"{', '.join(m['to'])}  [{m['source']}]  {m['subject']}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--mail-from", help="Envelope sender, as the relay would see it.")
+@click.option("--rcpt", multiple=True, help="Envelope recipient; repeat for more.")
+@json_option
+@click.pass_context
+def explain(ctx: click.Context, file: Path, mail_from: str | None, rcpt: tuple[str, ...],
+            as_json: bool) -> None:
+    """Would this message be captured, and why? Runs the rules against the store."""
+    facts = read_message(file.read_bytes(), mail_from, rcpt)
+    config = _config(ctx)
+    context = _run(ctx, lambda s: s.context_for(facts, config.capture.capture_forwards))
+    decision = decide(facts, context)
+    if as_json:
+        _print_json({"capture": decision.capture, "candidates": list(decision.candidates),
+                     "thread": decision.thread, "direction": decision.direction,
+                     "message_id": facts.message_id,
+                     "trace": [t.to_json() for t in decision.trace]})
+        return
+    verdict = "CAPTURE" if decision.capture else "PASS (not captured)"
+    click.echo(f"{verdict}: {facts.message_id or '(no Message-ID)'}")
+    if decision.capture:
+        click.echo(f"  candidates: {', '.join(decision.candidates)}; "
+                   f"thread: {decision.thread}; direction: {decision.direction}")
+    for entry in decision.trace:
+        click.echo(f"  {entry.rule:16} {entry.verdict:5} {'; '.join(entry.reasons)}")

@@ -1,0 +1,274 @@
+"""Configuration: read once, at the edge, into frozen dataclasses.
+
+The file is TOML. Every key is known here; an unknown key or a bad value is a
+`ConfigError` that names the key and the file, so a typo never silently falls
+back to a default. Relative paths (the SQLite file, a Maildir upstream) are
+taken relative to the configuration file, so a config works from any
+directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_PATH = "atsmail.toml"
+ENV_VAR = "ATSMAIL_CONFIG"
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the text names file and key."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str = "sqlite+aiosqlite:///atsmail.db"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where relayed mail goes: an SMTP smarthost or a local Maildir."""
+
+    kind: str  # "smtp" | "maildir"
+    host: str = ""
+    port: int = 25
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "maildir":
+            return f"maildir:{self.path}"
+        return f"smtp://{_join_host_port(self.host, self.port)}"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2525
+    upstream: Upstream = field(default_factory=lambda: Upstream("smtp", "127.0.0.1", 25))
+    allowed_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    max_message_size: int = 36_700_160
+    max_recipients: int = 500
+    hostname: str = ""
+    upstream_timeout: float = 60.0
+    data_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    capture_forwards: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+
+
+def find_config_path(explicit: str | None) -> Path:
+    """`--config`, else `$ATSMAIL_CONFIG`, else `./atsmail.toml`."""
+    return Path(explicit or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: configuration file not found "
+            f"(give --config PATH or set {ENV_VAR}; config.example.toml is a start)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    reader = _Reader(path)
+    base = path.resolve().parent
+    reader.known(data, "", {"storage", "relay", "capture"})
+
+    storage = reader.table(data, "storage", {"url"})
+    relay = reader.table(
+        data,
+        "relay",
+        {
+            "listen", "upstream", "allowed_networks", "max_message_size",
+            "max_recipients", "hostname", "upstream_timeout", "data_timeout",
+            "idle_timeout", "shutdown_grace",
+        },
+    )
+    capture = reader.table(data, "capture", {"capture_forwards"})
+
+    defaults = RelayConfig()
+    listen_host, listen_port = reader.get(
+        relay, "relay.listen", str, _parse_host_port,
+        (defaults.listen_host, defaults.listen_port),
+    )
+    return Config(
+        path=path,
+        storage=StorageConfig(
+            url=reader.get(storage, "storage.url", str, lambda v: _resolve_sqlite(v, base),
+                           _resolve_sqlite(StorageConfig.url, base)),
+        ),
+        relay=RelayConfig(
+            listen_host=listen_host,
+            listen_port=listen_port,
+            upstream=reader.get(relay, "relay.upstream", str,
+                                lambda v: _parse_upstream(v, base), defaults.upstream),
+            allowed_networks=reader.get(relay, "relay.allowed_networks", list,
+                                        _parse_networks, defaults.allowed_networks),
+            max_message_size=reader.get(relay, "relay.max_message_size", int,
+                                        _positive, defaults.max_message_size),
+            max_recipients=reader.get(relay, "relay.max_recipients", int,
+                                      _positive, defaults.max_recipients),
+            hostname=reader.get(relay, "relay.hostname", str, str, defaults.hostname),
+            upstream_timeout=reader.get(relay, "relay.upstream_timeout", (int, float),
+                                        _seconds, defaults.upstream_timeout),
+            data_timeout=reader.get(relay, "relay.data_timeout", (int, float),
+                                    _seconds, defaults.data_timeout),
+            idle_timeout=reader.get(relay, "relay.idle_timeout", (int, float),
+                                    _seconds, defaults.idle_timeout),
+            shutdown_grace=reader.get(relay, "relay.shutdown_grace", (int, float),
+                                      _seconds, defaults.shutdown_grace),
+        ),
+        capture=CaptureConfig(
+            capture_forwards=reader.get(capture, "capture.capture_forwards", bool, bool,
+                                        CaptureConfig.capture_forwards),
+        ),
+    )
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Type-checks values and turns every problem into one `ConfigError`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {problem}")
+
+    def known(self, table: Mapping[str, Any], prefix: str, keys: set[str]) -> None:
+        for key in table:
+            if key not in keys:
+                raise self.fail(f"{prefix}{key}", "unknown key")
+
+    def table(self, data: Mapping[str, Any], name: str, keys: set[str]) -> Mapping[str, Any]:
+        value = data.get(name, {})
+        if not isinstance(value, dict):
+            raise self.fail(name, "must be a table")
+        self.known(value, f"{name}.", keys)
+        return value
+
+    def get(
+        self,
+        table: Mapping[str, Any],
+        key: str,
+        kind: type | tuple[type, ...],
+        convert: Callable[[Any], T],
+        default: T,
+    ) -> T:
+        name = key.rsplit(".", 1)[-1]
+        if name not in table:
+            return default
+        value = table[name]
+        # bool is an int in Python; a number setting must not accept `true`.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise self.fail(key, f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        try:
+            return convert(value)
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+             "list": "a list"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _positive(value: int) -> int:
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _seconds(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """`host:port`, `[v6]:port`; the port may be left out when a default exists."""
+    host, sep, port = value.rpartition(":")
+    if value.startswith("[") and "]" in value:
+        host, _, rest = value[1:].partition("]")
+        sep, port = (":", rest[1:]) if rest.startswith(":") else ("", "")
+    elif not sep or ":" in host:
+        host, port = value, ""
+    if not port:
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {value!r}")
+    if not host:
+        raise ValueError(f"missing host in {value!r}")
+    return host, int(port)
+
+
+def _parse_upstream(value: str, base: Path) -> Upstream:
+    if value.startswith("maildir:"):
+        raw = value.removeprefix("maildir:")
+        if not raw:
+            raise ValueError("maildir: needs a path, e.g. maildir:/var/mail/atsmail")
+        return Upstream("maildir", path=base / Path(raw).expanduser())
+    if value.startswith("smtp://"):
+        host, port = _parse_host_port(value.removeprefix("smtp://").rstrip("/"), 25)
+        return Upstream("smtp", host=host, port=port)
+    raise ValueError(f"expected smtp://HOST[:PORT] or maildir:PATH, got {value!r}")
+
+
+def _parse_networks(value: list[Any]) -> tuple[Network, ...]:
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"expected network strings like '127.0.0.0/8', got {item!r}")
+        networks.append(ipaddress.ip_network(item, strict=False))
+    return tuple(networks)
+
+
+def _resolve_sqlite(url: str, base: Path) -> str:
+    """Make a relative SQLite path relative to the config file's folder."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep:
+        if url.startswith("sqlite"):
+            raise ValueError(f"expected sqlite+aiosqlite:///PATH, got {url!r}")
+        return url
+    if not scheme.startswith("sqlite") or rest.startswith("/") or rest.startswith(":memory:"):
+        return url
+    return f"{scheme}:///{base / rest}"

@@ -1,0 +1,1 @@
+"""The I/O edges: the SMTP relay and its upstream."""

@@ -1,0 +1,282 @@
+"""The SMTP relay: a before-queue proxy that captures candidate mail inline.
+
+Like Postfix's `smtpd_proxy_filter`, the relay keeps no queue. It opens the
+upstream session when the client says MAIL FROM, passes each RCPT on in
+lockstep so every recipient gets the upstream's own verdict, and answers the
+end of DATA only after the upstream has answered it and the capture is
+committed. Whatever goes wrong on our side becomes a 4xx, so the sending MTA
+keeps the message and retries: the relay never answers 250 for a message it
+did not hand on, and never a 5xx for a message it merely failed to handle.
+
+This module stays thin: parse, ask `rules`, hand the decision to `storage`,
+map failures to SMTP codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from atsmail.config import Config
+from atsmail.gateway.upstream import Reply, UpstreamSession, open_session
+from atsmail.rules import Decision, MessageFacts, decide, read_message
+from atsmail.storage import Capture, CaptureWriter, Prepared, Store
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+decisions = logging.getLogger("atsmail.decisions")
+
+# Messages larger than this are parsed in a worker thread, so one big
+# message does not stall every other session.
+PARSE_IN_THREAD_ABOVE = 256 * 1024
+
+TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
+STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
+
+
+class RelaySession(Session):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.upstream: UpstreamSession | None = None
+
+
+class RelayProtocol(SMTP):
+    """aiosmtpd's protocol, with per-session upstream state and tracking."""
+
+    event_handler: Relay
+
+    def _create_session(self) -> Session:
+        return RelaySession(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.event_handler.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        super().connection_lost(error)
+        self.event_handler.sessions.discard(self)
+        if isinstance(session, RelaySession):
+            self.event_handler.close_upstream(session)
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+
+class Relay:
+    """The aiosmtpd handler and the listening server around it."""
+
+    def __init__(self, config: Config, store: Store, writer: CaptureWriter) -> None:
+        self.config = config
+        self.relay = config.relay
+        self.store = store
+        self.writer = writer
+        self.hostname = self.relay.hostname or socket.gethostname()
+        self.sessions: set[RelayProtocol] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol, host=self.relay.listen_host, port=self.relay.listen_port,
+            reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> RelayProtocol:
+        return RelayProtocol(
+            self,
+            data_size_limit=self.relay.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=self.hostname,
+            ident="atsmail",
+            timeout=self.relay.idle_timeout,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let transactions in flight finish (bounded), then close."""
+        if self._server is not None:
+            self._server.close()
+        deadline = asyncio.get_running_loop().time() + (
+            self.relay.shutdown_grace if grace is None else grace)
+        # Polling keeps the hooks free of shutdown bookkeeping; it runs once.
+        while asyncio.get_running_loop().time() < deadline and (  # noqa: ASYNC110
+                self._tasks or any(s.in_transaction for s in self.sessions)):
+            await asyncio.sleep(0.05)
+        for protocol in list(self.sessions):
+            if protocol.transport is not None:
+                protocol.transport.close()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def close_upstream(self, session: RelaySession) -> None:
+        if session.upstream is not None:
+            self._spawn(session.upstream.close())
+            session.upstream = None
+
+    # --- the SMTP hooks ------------------------------------------------------
+
+    def _allowed(self, session: Session) -> bool:
+        peer = session.peer
+        host = peer[0] if isinstance(peer, tuple) else None
+        if not host:
+            return False
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.relay.allowed_networks)
+
+    async def _upstream(self, session: RelaySession) -> UpstreamSession | Reply:
+        if session.upstream is not None and session.upstream.usable:
+            await session.upstream.reset()
+            return session.upstream
+        self.close_upstream(session)
+        opened = await open_session(self.relay.upstream, self.relay.upstream_timeout,
+                                    self.relay.data_timeout, self.hostname)
+        if isinstance(opened, Reply):
+            return opened
+        session.upstream = opened
+        return opened
+
+    async def handle_MAIL(self, server: SMTP, session: RelaySession, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        if self._allowed(session):
+            upstream = await self._upstream(session)
+            if isinstance(upstream, Reply):
+                return str(upstream)
+            reply = await upstream.mail(address, mail_options)
+            if not reply.ok:
+                return str(reply)
+            status = str(reply)
+        else:
+            # Refused per recipient (554 at RCPT), as MTAs expect of a relay.
+            status = "250 2.1.0 Ok"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return status
+
+    async def handle_RCPT(self, server: SMTP, session: RelaySession, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if not self._allowed(session):
+            return f"554 5.7.1 <{address}>: Relay access denied"
+        if len(envelope.rcpt_tos) >= self.relay.max_recipients:
+            return "452 4.5.3 Too many recipients"
+        if session.upstream is None:
+            return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
+        reply = await session.upstream.rcpt(address)
+        if reply.ok:
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return str(reply)
+
+    async def handle_DATA(self, server: SMTP, session: RelaySession, envelope: Envelope) -> str:
+        upstream = session.upstream
+        if upstream is None:
+            return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
+        # Shielded: a client that hangs up mid-way must not leave a capture
+        # half-written or an upstream transaction half-done.
+        task = self._spawn(self._relay_message(upstream, envelope))
+        return await asyncio.shield(task)
+
+    async def handle_RSET(self, server: SMTP, session: RelaySession,
+                          envelope: Envelope) -> str:
+        if session.upstream is not None:
+            await session.upstream.reset()
+        return "250 2.0.0 Ok"
+
+    async def handle_QUIT(self, server: SMTP, session: RelaySession,
+                          envelope: Envelope) -> str:
+        self.close_upstream(session)
+        return "221 2.0.0 Bye"
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default is a 500 that leaks internals and bounces mail.
+        log.error("unexpected error in an SMTP session", exc_info=error)
+        return TEMPFAIL
+
+    # --- one message ---------------------------------------------------------
+
+    async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        sender = envelope.mail_from if envelope.mail_from != "<>" else None
+        try:
+            facts = await self._read(raw, sender, list(envelope.rcpt_tos))
+            decision = decide(facts, await self.store.context_for(
+                facts, self.config.capture.capture_forwards))
+        except Exception:
+            log.exception("could not judge a message; deferring it")
+            await upstream.reset()
+            return STORE_UNAVAILABLE
+
+        prepared: Prepared | None = None
+        if decision.capture:
+            try:
+                prepared = await self.writer.prepare(Capture(facts, decision, raw, "relay"))
+            except Exception:
+                log.exception("could not store a capture; deferring the message")
+                await upstream.reset()
+                return STORE_UNAVAILABLE
+
+        reply = await upstream.data(raw)
+        if prepared is not None:
+            await self._settle(prepared, reply, facts)
+        self._log(facts, decision, reply)
+        return str(reply)
+
+    async def _read(self, raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
+        if len(raw) > PARSE_IN_THREAD_ABOVE:
+            return await asyncio.to_thread(read_message, raw, sender, recipients)
+        return read_message(raw, sender, recipients)
+
+    async def _settle(self, prepared: Prepared, reply: Reply, facts: MessageFacts) -> None:
+        try:
+            if reply.ok:
+                await self.writer.confirm(prepared)
+            else:
+                await self.writer.discard(prepared)
+        except Exception:
+            # The upstream has answered: a 4xx now would deliver the message
+            # twice. The copy stays pending and a retry of it confirms it.
+            log.exception("could not settle the capture of %s after upstream %d",
+                          facts.message_id, reply.code)
+
+    def _log(self, facts: MessageFacts, decision: Decision, reply: Reply) -> None:
+        decisions.info(json.dumps({
+            "event": "relay",
+            "message_id": facts.message_id,
+            "from": facts.from_[0] if facts.from_ else facts.envelope_sender,
+            "size": facts.size,
+            "verdict": "capture" if decision.capture else "pass",
+            "candidates": list(decision.candidates),
+            "thread": decision.thread,
+            "direction": decision.direction,
+            "rules": list(decision.deciding_rules),
+            "upstream": reply.code,
+        }))

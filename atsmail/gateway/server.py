@@ -1,0 +1,52 @@
+"""The running gateway: the store, the capture writer and the relay together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from atsmail.config import Config
+from atsmail.gateway.relay import Relay
+from atsmail.storage import CaptureWriter, Store
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store.open(config.storage.url)
+        self.writer = CaptureWriter(self.store.db)
+        self.relay = Relay(config, self.store, self.writer)
+
+    async def start(self) -> None:
+        await self.store.ensure_current()
+        await self.writer.start()
+        await self.relay.start()
+        log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
+                 self.relay.port, self.config.relay.upstream)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.relay.stop(grace)
+        await self.writer.stop()
+        await self.store.close()
+        log.info("stopped")
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    gateway = Gateway(config)
+    try:
+        await gateway.start()
+    except BaseException:
+        await gateway.store.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing the sessions in flight (up to %.0f s)",
+             config.relay.shutdown_grace)
+    await gateway.stop()

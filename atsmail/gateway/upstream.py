@@ -1,0 +1,194 @@
+"""Where the relay hands mail on: an SMTP smarthost, or a local Maildir.
+
+An `UpstreamSession` speaks the envelope commands in lockstep with the
+client's session, and answers each with a `Reply`: the upstream's own code
+and text, or a 4xx of ours when the upstream cannot be reached. It never
+raises for an upstream problem, so the relay can pass every answer on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mailbox
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from atsmail.config import Upstream
+
+log = logging.getLogger(__name__)
+
+# Envelope options the client may send that are passed on when the
+# upstream offers the matching extension.
+_OPTION_EXTENSIONS = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8"}
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def __str__(self) -> str:
+        # One line: a multi-line upstream answer is folded into one.
+        return f"{self.code} {' '.join(self.text.split())}".rstrip()
+
+
+UNAVAILABLE = Reply(451, "4.4.1 Upstream unavailable, try again later")
+LOST = Reply(451, "4.4.2 Upstream connection lost, try again later")
+
+
+class UpstreamSession(Protocol):
+    @property
+    def usable(self) -> bool: ...
+
+    async def mail(self, sender: str, options: list[str]) -> Reply: ...
+
+    async def rcpt(self, recipient: str) -> Reply: ...
+
+    async def data(self, content: bytes) -> Reply: ...
+
+    async def reset(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def open_session(upstream: Upstream, command_timeout: float, data_timeout: float,
+                       local_hostname: str | None) -> UpstreamSession | Reply:
+    """A new session with the upstream, or the 4xx to answer when there is none."""
+    if upstream.kind == "maildir":
+        assert upstream.path is not None
+        return MaildirSession(upstream.path)
+    client = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port,
+                             timeout=command_timeout,
+                             local_hostname=local_hostname or None, start_tls=False)
+    try:
+        await client.connect()
+    except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+        log.warning("upstream %s unavailable: %s", upstream, exc)
+        client.close()
+        return UNAVAILABLE
+    return SmtpSession(client, data_timeout)
+
+
+class SmtpSession:
+    def __init__(self, client: aiosmtplib.SMTP, data_timeout: float) -> None:
+        self.client = client
+        self.data_timeout = data_timeout
+        self._in_transaction = False
+
+    @property
+    def usable(self) -> bool:
+        return self.client.is_connected
+
+    def _options(self, options: list[str]) -> list[str]:
+        passed = []
+        for option in options:
+            keyword = option.partition("=")[0].upper()
+            extension = _OPTION_EXTENSIONS.get(keyword)
+            if extension and self.client.supports_extension(extension):
+                passed.append(option)
+        return passed
+
+    async def _run(self, command: str, *args: object, **kwargs: object) -> Reply:
+        try:
+            response = await getattr(self.client, command)(*args, **kwargs)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            log.warning("upstream dropped the connection during %s: %s", command, exc)
+            self.client.close()
+            return LOST
+        except aiosmtplib.SMTPTimeoutError as exc:
+            log.warning("upstream timed out during %s: %s", command, exc)
+            self.client.close()
+            return LOST
+        except aiosmtplib.SMTPResponseException as exc:
+            return Reply(exc.code, exc.message)
+        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+            log.warning("upstream %s failed: %s", command, exc)
+            self.client.close()
+            return LOST
+        return Reply(response.code, response.message)
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        # aiosmtpd hands the null reverse-path over as "<>"; aiosmtplib
+        # writes "" as "<>" and refuses "<>" itself.
+        reply = await self._run("mail", "" if sender == "<>" else sender,
+                                options=self._options(options))
+        self._in_transaction = reply.ok
+        return reply
+
+    async def rcpt(self, recipient: str) -> Reply:
+        return await self._run("rcpt", recipient)
+
+    async def data(self, content: bytes) -> Reply:
+        reply = await self._run("data", content, timeout=self.data_timeout)
+        self._in_transaction = False
+        return reply
+
+    async def reset(self) -> None:
+        if self._in_transaction and self.usable:
+            await self._run("rset")
+        self._in_transaction = False
+
+    async def close(self) -> None:
+        if self.usable:
+            try:
+                await asyncio.wait_for(self.client.quit(), 5)
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                pass
+        self.client.close()
+
+
+class MaildirSession:
+    """Delivers each accepted message into one Maildir, flushed to disk first."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def usable(self) -> bool:
+        return True
+
+    async def mail(self, sender: str, options: list[str]) -> Reply:
+        return Reply(250, "2.1.0 Ok")
+
+    async def rcpt(self, recipient: str) -> Reply:
+        return Reply(250, "2.1.5 Ok")
+
+    async def data(self, content: bytes) -> Reply:
+        try:
+            key = await asyncio.to_thread(self._deliver, content)
+        except OSError as exc:
+            log.error("cannot deliver into %s: %s", self.path, exc)
+            return Reply(451, "4.3.0 Local delivery failed, try again later")
+        return Reply(250, f"2.0.0 Ok: delivered as {key}")
+
+    def _deliver(self, content: bytes) -> str:
+        key = mailbox.Maildir(self.path, create=True).add(content)
+        # mailbox writes without fsync; a message is ours to lose until both
+        # the file and its directory entry are on disk.
+        for target, flags in ((self.path / "new" / key, os.O_RDONLY),
+                              (self.path / "new", os.O_RDONLY | os.O_DIRECTORY)):
+            fd = os.open(target, flags)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return key
+
+    async def reset(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass

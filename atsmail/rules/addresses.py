@@ -1,0 +1,94 @@
+"""One spelling per address, so that comparisons are plain set look-ups.
+
+Mail carries the same address in many spellings: mixed case, IDNA
+(`xn--`) or Unicode domains, display names with RFC 2047 words. Everything
+that compares addresses (rules, candidate profiles, team members, internal
+domains) goes through `normalize_address` / `normalize_domain` first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from email.headerregistry import Address
+from email.utils import getaddresses
+
+_LOOSE_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+\.[^\s<>()\[\]\"',;:]+")
+
+
+class AddressError(ValueError):
+    """Text that is not a usable mail address."""
+
+
+def normalize_domain(domain: str) -> str:
+    """Lower-case Unicode form of a domain; `xn--` labels are decoded."""
+    domain = domain.strip().strip(".").lower()
+    if not domain:
+        raise AddressError("empty domain")
+    labels = []
+    for label in domain.split("."):
+        if not label:
+            raise AddressError(f"empty label in domain {domain!r}")
+        if label.startswith("xn--"):
+            try:
+                label = label.encode("ascii").decode("idna")
+            except UnicodeError:
+                raise AddressError(f"bad IDNA label {label!r} in {domain!r}") from None
+        labels.append(label)
+    return ".".join(labels)
+
+
+def normalize_address(address: str) -> str:
+    """`Local@Domain` -> `local@domain` with the domain in Unicode form.
+
+    Local parts are compared case-insensitively, as every mail system a
+    recruiting team uses treats them that way.
+    """
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in address):
+        raise AddressError(f"not a mail address: {address!r}")
+    return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+def try_normalize(address: str) -> str | None:
+    try:
+        return normalize_address(address)
+    except AddressError:
+        return None
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2]
+
+
+def in_domains(address: str, domains: Collection[str]) -> str | None:
+    """The internal domain `address` belongs to (itself or as a subdomain), if any."""
+    domain = domain_of(address)
+    for d in domains:
+        if domain == d or domain.endswith("." + d):
+            return d
+    return None
+
+
+def addresses_in_header(value: object) -> list[str]:
+    """Normalised addresses of a parsed header, skipping what is not an address.
+
+    `value` is what `email.message.EmailMessage.get` returns with
+    `policy.default`: an address header object, or a plain string when the
+    header is too broken to parse, in which case a lenient parse is used.
+    """
+    found: list[str] = []
+    addresses: tuple[Address, ...] = getattr(value, "addresses", ())
+    if addresses:
+        found = [a.addr_spec for a in addresses if a.username and a.domain]
+    elif value is not None:
+        found = [addr for _, addr in getaddresses([str(value)]) if addr]
+    return [n for n in (try_normalize(a) for a in found) if n]
+
+
+def addresses_in_text(text: str) -> list[str]:
+    """Anything that looks like an address in free text (forwarded blocks)."""
+    return [n for n in (try_normalize(m) for m in _LOOSE_ADDRESS.findall(text)) if n]

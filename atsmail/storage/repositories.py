@@ -1,0 +1,329 @@
+"""One repository per aggregate; each takes a session and never commits.
+
+Transactions belong to the service layer (`atsmail.storage.store`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, exists, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
+
+from atsmail.rules import CandidateInfo, KnownMessage
+from atsmail.storage.models import (
+    Candidate,
+    CandidateEmail,
+    CandidateJob,
+    CapturedMessage,
+    InternalDomain,
+    Job,
+    MessageCandidate,
+    Notice,
+    TeamMember,
+    Thread,
+)
+
+
+class TeamRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, email: str) -> TeamMember | None:
+        return await self.session.get(TeamMember, email)
+
+    async def add(self, email: str, name: str, role: str) -> TeamMember:
+        member = TeamMember(email=email, name=name, role=role)
+        self.session.add(member)
+        await self.session.flush()
+        return member
+
+    async def all(self) -> list[TeamMember]:
+        return list(await self.session.scalars(select(TeamMember).order_by(TeamMember.email)))
+
+    async def addresses(self) -> frozenset[str]:
+        return frozenset(await self.session.scalars(select(TeamMember.email)))
+
+
+class DomainRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, domain: str) -> InternalDomain | None:
+        return await self.session.get(InternalDomain, domain)
+
+    async def add(self, domain: str) -> None:
+        self.session.add(InternalDomain(domain=domain))
+        await self.session.flush()
+
+    async def remove(self, domain: str) -> bool:
+        result = await self.session.execute(
+            delete(InternalDomain).where(InternalDomain.domain == domain))
+        return bool(getattr(result, "rowcount", 0))
+
+    async def all(self) -> list[InternalDomain]:
+        return list(await self.session.scalars(
+            select(InternalDomain).order_by(InternalDomain.domain)))
+
+    async def names(self) -> frozenset[str]:
+        return frozenset(await self.session.scalars(select(InternalDomain.domain)))
+
+
+class JobRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, job_id: str) -> Job | None:
+        return await self.session.get(Job, job_id)
+
+    async def add(self, job_id: str, title: str) -> Job:
+        job = Job(id=job_id, title=title, archived=False)
+        self.session.add(job)
+        await self.session.flush()
+        return job
+
+    async def all(self) -> list[Job]:
+        return list(await self.session.scalars(select(Job).order_by(Job.id)))
+
+    async def candidate_counts(self) -> dict[str, int]:
+        rows = await self.session.execute(
+            select(CandidateJob.job_id, func.count()).group_by(CandidateJob.job_id))
+        return {job_id: count for job_id, count in rows.tuples()}
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    id: str
+    name: str
+    emails: list[str]
+    jobs: list[tuple[str, bool]]
+    notices: list[tuple[str, datetime]]
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "emails": self.emails,
+            "jobs": [{"id": j, "archived": a} for j, a in self.jobs],
+            "notices": [{"text": t, "at": at.isoformat()} for t, at in self.notices],
+        }
+
+
+class CandidateRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def get(self, candidate_id: str) -> Candidate | None:
+        return await self.session.get(Candidate, candidate_id)
+
+    async def add(self, candidate_id: str, name: str, emails: Iterable[str],
+                  job_ids: Iterable[str]) -> None:
+        self.session.add(Candidate(id=candidate_id, name=name))
+        await self.session.flush()
+        self.session.add_all(CandidateEmail(candidate_id=candidate_id, email=e) for e in emails)
+        self.session.add_all(CandidateJob(candidate_id=candidate_id, job_id=j) for j in job_ids)
+        await self.session.flush()
+
+    async def add_notice(self, candidate_id: str, text: str) -> None:
+        self.session.add(Notice(candidate_id=candidate_id, text=text))
+        await self.session.flush()
+
+    async def emails_matching(self, predicate: ColumnElement[bool]) -> list[tuple[str, str]]:
+        """(candidate id, address) pairs whose address satisfies `predicate`."""
+        rows = await self.session.execute(
+            select(CandidateEmail.candidate_id, CandidateEmail.email).where(predicate))
+        return [(c, e) for c, e in rows.tuples()]
+
+    async def remove_email(self, candidate_id: str, email: str) -> None:
+        await self.session.execute(delete(CandidateEmail).where(
+            CandidateEmail.candidate_id == candidate_id, CandidateEmail.email == email))
+
+    async def ids_for_addresses(self, addresses: Collection[str]) -> set[str]:
+        if not addresses:
+            return set()
+        return set(await self.session.scalars(
+            select(CandidateEmail.candidate_id).where(CandidateEmail.email.in_(addresses))))
+
+    async def infos(self, ids: Collection[str]) -> dict[str, CandidateInfo]:
+        """What the rules need to know about these candidates."""
+        if not ids:
+            return {}
+        rows = await self.session.execute(
+            select(Candidate.id, Candidate.name).where(Candidate.id.in_(ids)))
+        names = {cid: name for cid, name in rows.tuples()}
+        emails: dict[str, set[str]] = defaultdict(set)
+        for cid, email in (await self.session.execute(
+                select(CandidateEmail.candidate_id, CandidateEmail.email)
+                .where(CandidateEmail.candidate_id.in_(ids)))).tuples():
+            emails[cid].add(email)
+        jobs: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+        for cid, job_id, archived in (await self.session.execute(
+                select(CandidateJob.candidate_id, Job.id, Job.archived)
+                .join(Job, Job.id == CandidateJob.job_id)
+                .where(CandidateJob.candidate_id.in_(ids))
+                .order_by(Job.id))).tuples():
+            jobs[cid].append((job_id, archived))
+        return {
+            cid: CandidateInfo(cid, name, frozenset(emails[cid]), tuple(jobs[cid]))
+            for cid, name in names.items()
+        }
+
+    async def views(self, ids: Collection[str] | None = None) -> list[CandidateView]:
+        query = select(Candidate).order_by(Candidate.id)
+        if ids is not None:
+            query = query.where(Candidate.id.in_(ids))
+        candidates = list(await self.session.scalars(query))
+        wanted = [c.id for c in candidates]
+        infos = await self.infos(wanted)
+        notices: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
+        for cid, text, at in (await self.session.execute(
+                select(Notice.candidate_id, Notice.text, Notice.at)
+                .where(Notice.candidate_id.in_(wanted)).order_by(Notice.id))).tuples():
+            notices[cid].append((text, at))
+        return [
+            CandidateView(c.id, c.name, sorted(infos[c.id].emails), list(infos[c.id].jobs),
+                          notices[c.id], c.created_at)
+            for c in candidates
+        ]
+
+    async def delete(self, candidate_id: str) -> None:
+        await self.session.execute(delete(Candidate).where(Candidate.id == candidate_id))
+
+
+@dataclass(frozen=True)
+class ThreadSummary:
+    id: int
+    subject: str
+    candidates: list[str]
+    message_count: int
+    last_date: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "subject": self.subject, "candidates": self.candidates,
+                "message_count": self.message_count, "last_date": self.last_date.isoformat()}
+
+
+class ThreadRepository:
+    """Threads and the captured messages in them."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def known_messages(self, message_ids: Collection[str]) -> dict[str, KnownMessage]:
+        if not message_ids:
+            return {}
+        rows = (await self.session.execute(
+            select(CapturedMessage.message_id, CapturedMessage.thread_id,
+                   MessageCandidate.candidate_id)
+            .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
+            .where(CapturedMessage.message_id.in_(message_ids)))).tuples()
+        threads: dict[str, int] = {}
+        candidates: dict[str, set[str]] = defaultdict(set)
+        for message_id, thread_id, candidate_id in rows:
+            assert message_id is not None
+            threads.setdefault(message_id, thread_id)
+            candidates[message_id].add(candidate_id)
+        return {m: KnownMessage(m, threads[m], frozenset(candidates[m])) for m in threads}
+
+    async def by_capture_key(self, key: str) -> CapturedMessage | None:
+        return await self.session.scalar(
+            select(CapturedMessage).where(CapturedMessage.capture_key == key))
+
+    async def new_thread(self, subject: str, when: datetime) -> int:
+        thread = Thread(subject=subject, last_date=when)
+        self.session.add(thread)
+        await self.session.flush()
+        return thread.id
+
+    async def exists(self, thread_id: int) -> bool:
+        return bool(await self.session.scalar(select(exists().where(Thread.id == thread_id))))
+
+    async def add_message(self, message: CapturedMessage, candidates: Iterable[str]) -> int:
+        self.session.add(message)
+        await self.session.flush()
+        self.session.add_all(
+            MessageCandidate(message_pk=message.id, candidate_id=c) for c in candidates)
+        await self.session.flush()
+        return message.id
+
+    async def touch(self, thread_id: int, when: datetime) -> None:
+        await self.session.execute(
+            update(Thread).where(Thread.id == thread_id, Thread.last_date < when)
+            .values(last_date=when))
+
+    async def set_state(self, message_pk: int, state: str) -> None:
+        await self.session.execute(
+            update(CapturedMessage).where(CapturedMessage.id == message_pk).values(state=state))
+
+    async def delete_message(self, message_pk: int) -> None:
+        await self.session.execute(delete(CapturedMessage).where(CapturedMessage.id == message_pk))
+        await self.delete_empty_threads()
+
+    async def delete_empty_threads(self) -> None:
+        await self.session.execute(delete(Thread).where(
+            ~exists().where(CapturedMessage.thread_id == Thread.id)))
+
+    async def erase_candidate_messages(self, candidate_id: str) -> int:
+        """Delete the messages that only this candidate is tied to; return how many."""
+        mine = select(MessageCandidate.message_pk).where(
+            MessageCandidate.candidate_id == candidate_id)
+        shared = select(MessageCandidate.message_pk).where(
+            MessageCandidate.candidate_id != candidate_id)
+        result = await self.session.execute(delete(CapturedMessage).where(
+            CapturedMessage.id.in_(mine), CapturedMessage.id.not_in(shared)))
+        await self.session.execute(delete(MessageCandidate).where(
+            MessageCandidate.candidate_id == candidate_id))
+        await self.delete_empty_threads()
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def summaries(self, candidate_id: str | None = None) -> list[ThreadSummary]:
+        confirmed = CapturedMessage.state == "confirmed"
+        query = (
+            select(Thread.id, Thread.subject, Thread.last_date,
+                   func.count(func.distinct(CapturedMessage.id)))
+            .join(CapturedMessage, CapturedMessage.thread_id == Thread.id)
+            .where(confirmed)
+            .group_by(Thread.id, Thread.subject, Thread.last_date)
+            .order_by(Thread.last_date.desc(), Thread.id.desc())
+        )
+        if candidate_id is not None:
+            query = query.where(CapturedMessage.id.in_(
+                select(MessageCandidate.message_pk)
+                .where(MessageCandidate.candidate_id == candidate_id)))
+        rows = list((await self.session.execute(query)).tuples())
+        cands = await self.thread_candidates([r[0] for r in rows])
+        return [ThreadSummary(tid, subject, cands.get(tid, []), count, last)
+                for tid, subject, last, count in rows]
+
+    async def thread_candidates(self, thread_ids: Collection[int]) -> dict[int, list[str]]:
+        if not thread_ids:
+            return {}
+        rows = (await self.session.execute(
+            select(CapturedMessage.thread_id, MessageCandidate.candidate_id).distinct()
+            .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
+            .where(CapturedMessage.thread_id.in_(thread_ids),
+                   CapturedMessage.state == "confirmed")
+            .order_by(MessageCandidate.candidate_id))).tuples()
+        found: dict[int, list[str]] = defaultdict(list)
+        for thread_id, candidate_id in rows:
+            found[thread_id].append(candidate_id)
+        return found
+
+    async def get(self, thread_id: int) -> Thread | None:
+        return await self.session.get(Thread, thread_id)
+
+    async def messages(self, thread_id: int) -> list[CapturedMessage]:
+        return list(await self.session.scalars(
+            select(CapturedMessage).options(defer(CapturedMessage.raw))
+            .where(CapturedMessage.thread_id == thread_id, CapturedMessage.state == "confirmed")
+            .order_by(CapturedMessage.date, CapturedMessage.id)))
+
+    async def stale_pending(self, before: datetime) -> list[int]:
+        return list(await self.session.scalars(select(CapturedMessage.id).where(
+            CapturedMessage.state == "pending", CapturedMessage.created_at < before)))

@@ -1,0 +1,300 @@
+"""The service layer over the store: each public method is one transaction.
+
+Admin changes keep the central promise that no internal address is ever on
+a candidate: adding a team member or an internal domain removes matching
+addresses from candidate profiles in the same transaction, leaving a notice
+that says which address went and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement
+
+from atsmail.rules import Context, MessageFacts
+from atsmail.rules.addresses import AddressError, in_domains, normalize_address, normalize_domain
+from atsmail.storage.db import Database
+from atsmail.storage.migrate import is_current, migrate
+from atsmail.storage.models import ROLES, CandidateEmail, InternalDomain, Job, TeamMember
+from atsmail.storage.repositories import (
+    CandidateRepository,
+    CandidateView,
+    DomainRepository,
+    JobRepository,
+    TeamRepository,
+    ThreadRepository,
+    ThreadSummary,
+)
+
+MAX_ADDRESS_LENGTH = 320
+MAX_ID_LENGTH = 100
+
+
+class UserError(Exception):
+    """A request the store refuses; the text is meant for the user."""
+
+
+@dataclass(frozen=True)
+class AddressRemoval:
+    candidate_id: str
+    address: str
+    notice: str
+
+
+@dataclass(frozen=True)
+class ThreadDetail:
+    id: int
+    subject: str
+    candidates: list[str]
+    messages: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "subject": self.subject, "candidates": self.candidates,
+                "messages": self.messages}
+
+
+def checked_address(address: str) -> str:
+    try:
+        normalized = normalize_address(address)
+    except AddressError as exc:
+        raise UserError(str(exc)) from None
+    if len(normalized) > MAX_ADDRESS_LENGTH:
+        raise UserError(f"address longer than {MAX_ADDRESS_LENGTH} characters: {address[:40]}…")
+    return normalized
+
+
+def checked_domain(domain: str) -> str:
+    try:
+        normalized = normalize_domain(domain.removeprefix("@"))
+    except AddressError as exc:
+        raise UserError(str(exc)) from None
+    if "@" in normalized or " " in normalized or "." not in normalized:
+        raise UserError(f"not a domain: {domain!r}")
+    return normalized
+
+
+def checked_id(kind: str, value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > MAX_ID_LENGTH or any(c.isspace() for c in value):
+        raise UserError(f"bad {kind} id {value!r}: 1 to {MAX_ID_LENGTH} characters, no spaces")
+    return value
+
+
+class Store:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        return cls(Database(url))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def migrate(self) -> None:
+        await migrate(self.db)
+
+    async def ensure_current(self) -> None:
+        if not await is_current(self.db):
+            raise UserError("the store is not initialised or is out of date: run `atsmail init`")
+
+    # --- team members and internal domains -------------------------------
+
+    async def add_team_member(self, email: str, name: str = "",
+                              role: str = "recruiter") -> list[AddressRemoval]:
+        email = checked_address(email)
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        async with self.db.write() as session:
+            team = TeamRepository(session)
+            if await team.get(email) is not None:
+                raise UserError(f"{email} is already a team member")
+            await team.add(email, name, role)
+            reason = f"it belongs to team member {email}" + (f" ({name})" if name else "")
+            return await _remove_candidate_addresses(
+                CandidateRepository(session), CandidateEmail.email == email,
+                lambda address: address == email, reason)
+
+    async def team(self) -> list[TeamMember]:
+        async with self.db.read() as session:
+            return await TeamRepository(session).all()
+
+    async def add_domain(self, domain: str) -> list[AddressRemoval]:
+        domain = checked_domain(domain)
+        async with self.db.write() as session:
+            domains = DomainRepository(session)
+            if await domains.get(domain) is not None:
+                raise UserError(f"{domain} is already an internal domain")
+            await domains.add(domain)
+            return await _remove_candidate_addresses(
+                CandidateRepository(session),
+                CandidateEmail.email.like("%" + _like_escape(domain), escape="\\"),
+                lambda address: in_domains(address, (domain,)) is not None,
+                f"{domain} is an internal domain")
+
+    async def remove_domain(self, domain: str) -> None:
+        domain = checked_domain(domain)
+        async with self.db.write() as session:
+            if not await DomainRepository(session).remove(domain):
+                raise UserError(f"{domain} is not an internal domain")
+
+    async def domains(self) -> list[InternalDomain]:
+        async with self.db.read() as session:
+            return await DomainRepository(session).all()
+
+    # --- jobs ----------------------------------------------------------------
+
+    async def add_job(self, job_id: str, title: str) -> None:
+        job_id = checked_id("job", job_id)
+        async with self.db.write() as session:
+            jobs = JobRepository(session)
+            if await jobs.get(job_id) is not None:
+                raise UserError(f"job {job_id} already exists")
+            await jobs.add(job_id, title)
+
+    async def set_job_archived(self, job_id: str, archived: bool) -> None:
+        async with self.db.write() as session:
+            job = await JobRepository(session).get(job_id)
+            if job is None:
+                raise UserError(f"unknown job {job_id}")
+            job.archived = archived
+
+    async def jobs(self) -> list[tuple[Job, int]]:
+        async with self.db.read() as session:
+            repo = JobRepository(session)
+            counts = await repo.candidate_counts()
+            return [(job, counts.get(job.id, 0)) for job in await repo.all()]
+
+    # --- candidates ----------------------------------------------------------
+
+    async def add_candidate(self, candidate_id: str, name: str, emails: Sequence[str],
+                            job_ids: Sequence[str] = ()) -> list[str]:
+        """Create a candidate; returns a notice for each internal address refused."""
+        candidate_id = checked_id("candidate", candidate_id)
+        if not emails:
+            raise UserError(f"candidate {candidate_id} needs at least one --email")
+        addresses = list(dict.fromkeys(checked_address(e) for e in emails))
+        async with self.db.write() as session:
+            candidates = CandidateRepository(session)
+            if await candidates.get(candidate_id) is not None:
+                raise UserError(f"candidate {candidate_id} already exists")
+            for job_id in dict.fromkeys(job_ids):
+                if await JobRepository(session).get(job_id) is None:
+                    raise UserError(f"unknown job {job_id} (add it with `atsmail job add`)")
+            team = await TeamRepository(session).addresses()
+            domains = await DomainRepository(session).names()
+            refused: list[str] = []
+            kept: list[str] = []
+            for address in addresses:
+                why = _internal_reason(address, team, domains)
+                if why:
+                    refused.append(f"{address} was not added: {why}; internal addresses are "
+                                   "never kept on a candidate")
+                else:
+                    kept.append(address)
+            if not kept:
+                raise UserError("; ".join(refused))
+            await candidates.add(candidate_id, name, kept, dict.fromkeys(job_ids))
+            for text in refused:
+                await candidates.add_notice(candidate_id, text)
+            return refused
+
+    async def candidate(self, candidate_id: str) -> CandidateView:
+        async with self.db.read() as session:
+            views = await CandidateRepository(session).views([candidate_id])
+        if not views:
+            raise UserError(f"unknown candidate {candidate_id}")
+        return views[0]
+
+    async def candidates(self) -> list[CandidateView]:
+        async with self.db.read() as session:
+            return await CandidateRepository(session).views()
+
+    async def delete_candidate(self, candidate_id: str) -> int:
+        """Erase a candidate and every message only they are tied to.
+
+        On SQLite the write-ahead log is then folded in and emptied, so that
+        with `secure_delete` the erased text is gone from the files.
+        """
+        async with self.db.write() as session:
+            candidates = CandidateRepository(session)
+            if await candidates.get(candidate_id) is None:
+                raise UserError(f"unknown candidate {candidate_id}")
+            erased = await ThreadRepository(session).erase_candidate_messages(candidate_id)
+            await candidates.delete(candidate_id)
+        await self.db.checkpoint()
+        return erased
+
+    # --- what the rules need, and what was captured ------------------------
+
+    async def context_for(self, facts: MessageFacts, capture_forwards: bool) -> Context:
+        addresses = {*facts.participants, *facts.forward.original_addresses}
+        async with self.db.read() as session:
+            candidates = CandidateRepository(session)
+            known = await ThreadRepository(session).known_messages(facts.thread_ids)
+            ids = await candidates.ids_for_addresses(addresses)
+            for message in known.values():
+                ids |= message.candidates
+            return Context(
+                internal_domains=await DomainRepository(session).names(),
+                team=await TeamRepository(session).addresses(),
+                candidates=await candidates.infos(ids),
+                known_messages=known,
+                capture_forwards=capture_forwards,
+            )
+
+    async def threads(self, candidate_id: str | None = None) -> list[ThreadSummary]:
+        async with self.db.read() as session:
+            if candidate_id is not None and await CandidateRepository(session).get(
+                    candidate_id) is None:
+                raise UserError(f"unknown candidate {candidate_id}")
+            return await ThreadRepository(session).summaries(candidate_id)
+
+    async def thread(self, thread_id: int) -> ThreadDetail:
+        async with self.db.read() as session:
+            repo = ThreadRepository(session)
+            thread = await repo.get(thread_id)
+            messages = await repo.messages(thread_id) if thread else []
+            if thread is None or not messages:
+                raise UserError(f"unknown thread {thread_id}")
+            candidates = (await repo.thread_candidates([thread_id])).get(thread_id, [])
+        return ThreadDetail(thread.id, thread.subject, candidates, [
+            {"message_id": m.message_id, "direction": m.direction, "source": m.source,
+             "from": m.from_addr, "to": m.to_addrs, "cc": m.cc_addrs, "subject": m.subject,
+             "date": m.date.isoformat() if m.date else None, "size": m.size,
+             "trace": m.trace}
+            for m in messages
+        ])
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _internal_reason(address: str, team: Iterable[str], domains: Iterable[str]) -> str | None:
+    if address in team:
+        return f"it belongs to team member {address}"
+    domain = in_domains(address, tuple(domains))
+    return f"{domain} is an internal domain" if domain else None
+
+
+async def _remove_candidate_addresses(
+    candidates: CandidateRepository,
+    prefilter: ColumnElement[bool],
+    matches: Callable[[str], bool],
+    reason: str,
+) -> list[AddressRemoval]:
+    removals = []
+    for candidate_id, address in await candidates.emails_matching(prefilter):
+        if not matches(address):
+            continue
+        text = (f"{address} was removed from this profile: {reason}; internal addresses are "
+                "never kept on a candidate, so that an employee's private mail is not synced")
+        await candidates.remove_email(candidate_id, address)
+        await candidates.add_notice(candidate_id, text)
+        removals.append(AddressRemoval(candidate_id, address, text))
+    return removals
+
