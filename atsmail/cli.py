@@ -94,10 +94,6 @@ def main(ctx: click.Context, config_path: str | None) -> None:
 def init(ctx: click.Context) -> None:
     """Create the store, or upgrade it to this version's schema."""
     config = _config(ctx)
-    if config.storage.url.startswith("sqlite"):
-        path = config.storage.url.partition(":///")[2]
-        if path and not path.startswith(":memory:"):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
     _run(ctx, lambda store: store.migrate(), check_schema=False)
     click.echo(f"store ready: {config.storage.url}")
 

@@ -9,8 +9,11 @@ processes writing at once wait for each other instead of failing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
@@ -24,6 +27,9 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+CHECKPOINT_ATTEMPTS = 10
+
+log = logging.getLogger(__name__)
 
 
 def _is_sqlite(url: str) -> bool:
@@ -72,6 +78,14 @@ class Database:
     def is_sqlite(self) -> bool:
         return _is_sqlite(self.url)
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, for a file-backed SQLite store."""
+        path = self.url.partition(":///")[2].partition("?")[0]
+        if not self.is_sqlite or not path or path.startswith(":memory:"):
+            return None
+        return Path(path)
+
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A session in one write transaction, committed on success."""
@@ -83,11 +97,25 @@ class Database:
         async with self._read_sessions() as session, session.begin():
             yield session
 
-    async def checkpoint(self) -> None:
-        """Fold SQLite's write-ahead log into the main file and empty it."""
-        if self.is_sqlite:
-            async with self.writer.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    async def checkpoint(self) -> bool:
+        """Fold SQLite's write-ahead log into the main file and empty it.
+
+        Returns False when readers kept it from completing after a few tries.
+        """
+        if not self.is_sqlite:
+            return True
+        async with self.writer.connect() as conn:
+            # Outside any transaction: a checkpoint cannot run inside one.
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            for attempt in range(CHECKPOINT_ATTEMPTS):
+                async with raw.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                    busy = (await cursor.fetchone())[0]
+                if not busy:
+                    return True
+                await asyncio.sleep(0.05 * (attempt + 1))
+        log.warning("the SQLite write-ahead log could not be emptied: readers kept it busy")
+        return False
 
     async def close(self) -> None:
         await self.writer.dispose()

@@ -93,7 +93,7 @@ class JobRepository:
     async def candidate_counts(self) -> dict[str, int]:
         rows = await self.session.execute(
             select(CandidateJob.job_id, func.count()).group_by(CandidateJob.job_id))
-        return {job_id: count for job_id, count in rows.tuples()}
+        return {job_id: count for job_id, count in rows}
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class CandidateRepository:
         """(candidate id, address) pairs whose address satisfies `predicate`."""
         rows = await self.session.execute(
             select(CandidateEmail.candidate_id, CandidateEmail.email).where(predicate))
-        return [(c, e) for c, e in rows.tuples()]
+        return [(c, e) for c, e in rows]
 
     async def remove_email(self, candidate_id: str, email: str) -> None:
         await self.session.execute(delete(CandidateEmail).where(
@@ -156,18 +156,18 @@ class CandidateRepository:
             return {}
         rows = await self.session.execute(
             select(Candidate.id, Candidate.name).where(Candidate.id.in_(ids)))
-        names = {cid: name for cid, name in rows.tuples()}
+        names = {cid: name for cid, name in rows}
         emails: dict[str, set[str]] = defaultdict(set)
         for cid, email in (await self.session.execute(
                 select(CandidateEmail.candidate_id, CandidateEmail.email)
-                .where(CandidateEmail.candidate_id.in_(ids)))).tuples():
+                .where(CandidateEmail.candidate_id.in_(ids)))):
             emails[cid].add(email)
         jobs: dict[str, list[tuple[str, bool]]] = defaultdict(list)
         for cid, job_id, archived in (await self.session.execute(
                 select(CandidateJob.candidate_id, Job.id, Job.archived)
                 .join(Job, Job.id == CandidateJob.job_id)
                 .where(CandidateJob.candidate_id.in_(ids))
-                .order_by(Job.id))).tuples():
+                .order_by(Job.id))):
             jobs[cid].append((job_id, archived))
         return {
             cid: CandidateInfo(cid, name, frozenset(emails[cid]), tuple(jobs[cid]))
@@ -184,7 +184,7 @@ class CandidateRepository:
         notices: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
         for cid, text, at in (await self.session.execute(
                 select(Notice.candidate_id, Notice.text, Notice.at)
-                .where(Notice.candidate_id.in_(wanted)).order_by(Notice.id))).tuples():
+                .where(Notice.candidate_id.in_(wanted)).order_by(Notice.id))):
             notices[cid].append((text, at))
         return [
             CandidateView(c.id, c.name, sorted(infos[c.id].emails), list(infos[c.id].jobs),
@@ -222,7 +222,7 @@ class ThreadRepository:
             select(CapturedMessage.message_id, CapturedMessage.thread_id,
                    MessageCandidate.candidate_id)
             .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
-            .where(CapturedMessage.message_id.in_(message_ids)))).tuples()
+            .where(CapturedMessage.message_id.in_(message_ids))))
         threads: dict[str, int] = {}
         candidates: dict[str, set[str]] = defaultdict(set)
         for message_id, thread_id, candidate_id in rows:
@@ -296,7 +296,7 @@ class ThreadRepository:
             query = query.where(CapturedMessage.id.in_(
                 select(MessageCandidate.message_pk)
                 .where(MessageCandidate.candidate_id == candidate_id)))
-        rows = list((await self.session.execute(query)).tuples())
+        rows = list(await self.session.execute(query))
         cands = await self.thread_candidates([r[0] for r in rows])
         return [ThreadSummary(tid, subject, cands.get(tid, []), count, last)
                 for tid, subject, last, count in rows]
@@ -309,7 +309,7 @@ class ThreadRepository:
             .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
             .where(CapturedMessage.thread_id.in_(thread_ids),
                    CapturedMessage.state == "confirmed")
-            .order_by(MessageCandidate.candidate_id))).tuples()
+            .order_by(MessageCandidate.candidate_id)))
         found: dict[int, list[str]] = defaultdict(list)
         for thread_id, candidate_id in rows:
             found[thread_id].append(candidate_id)

@@ -95,9 +95,15 @@ class Store:
         await self.db.close()
 
     async def migrate(self) -> None:
+        path = self.db.sqlite_path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         await migrate(self.db)
 
     async def ensure_current(self) -> None:
+        path = self.db.sqlite_path
+        if path is not None and not path.exists():
+            raise UserError(f"there is no store at {path}: run `atsmail init`")
         if not await is_current(self.db):
             raise UserError("the store is not initialised or is out of date: run `atsmail init`")
 

@@ -1,0 +1,359 @@
+"""The relay end to end: real SMTP in, a real SMTP sink upstream, a real store.
+
+Each test sends through the running relay and then looks at what the sink
+received and what the store captured, on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from atsmail.config import Upstream
+from atsmail.gateway.server import Gateway
+from atsmail.storage import Store
+from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
+
+RECRUITER = "recruiter@example.com"
+ADA = "ada@applicant.test"
+GRACE = "grace@candidates.test"
+
+
+def crlf(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+async def send(gateway: Gateway, raw: bytes, mail_from: str, rcpts: list[str]) -> int:
+    result = await smtp_send(gateway.relay.port, raw, mail_from, rcpts)
+    return result.code
+
+
+async def test_candidate_mail_is_delivered_byte_for_byte_and_captured(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = make_mail(RECRUITER, ADA, "Your application", "Dear Ada,\n\nthank you.\n")
+    assert await send(relay, raw, RECRUITER, [ADA]) == 250
+
+    assert len(sink.messages) == 1
+    assert sink.messages[0].content == crlf(raw)
+    assert sink.messages[0].rcpt_tos == [ADA]
+    threads = await team.threads("C-1")
+    assert [(t.subject, t.candidates, t.message_count) for t in threads] == [
+        ("Your application", ["C-1"], 1)]
+    detail = await team.thread(threads[0].id)
+    message = detail.messages[0]
+    assert (message["direction"], message["source"], message["from"], message["to"]) == (
+        "outbound", "relay", RECRUITER, [ADA])
+    assert [t["rule"] for t in message["trace"]][:3] == ["bulk", "direction", "team-scope"]
+
+
+async def test_company_mail_passes_and_is_not_stored(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = make_mail("colleague@example.com", "boss@example.com", "Lunch?")
+    assert await send(relay, raw, "colleague@example.com", ["boss@example.com"]) == 250
+    outside = make_mail("newsletter@shop.test", "someone@example.com", "Sale")
+    assert await send(relay, outside, "newsletter@shop.test", ["someone@example.com"]) == 250
+    assert len(sink.messages) == 2
+    assert await team.threads() == []
+
+
+async def test_candidate_with_employee_off_the_team_is_not_captured(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = make_mail(ADA, "friend@example.com", "Coffee")
+    assert await send(relay, raw, ADA, ["friend@example.com"]) == 250
+    assert len(sink.messages) == 1
+    assert await team.threads() == []
+
+
+async def test_inbound_reply_from_another_address_joins_the_thread(
+        relay: Gateway, team: Store) -> None:
+    first = make_mail(RECRUITER, ADA, "Interview", message_id="<first@example.com>")
+    assert await send(relay, first, RECRUITER, [ADA]) == 250
+    reply = make_mail("ada.private@home.test", RECRUITER, "Re: Interview",
+                      In_Reply_To="<first@example.com>", References="<first@example.com>")
+    assert await send(relay, reply, "ada.private@home.test", [RECRUITER]) == 250
+    threads = await team.threads("C-1")
+    assert len(threads) == 1 and threads[0].message_count == 2
+    directions = [m["direction"] for m in (await team.thread(threads[0].id)).messages]
+    assert directions == ["outbound", "inbound"]
+
+
+async def test_same_subject_without_reference_is_a_new_thread(
+        relay: Gateway, team: Store) -> None:
+    for _ in range(2):
+        assert await send(relay, make_mail(RECRUITER, ADA, "Interview"), RECRUITER, [ADA]) == 250
+    assert [t.message_count for t in await team.threads("C-1")] == [1, 1]
+
+
+async def test_bcc_candidate_in_the_envelope_is_captured(relay: Gateway, team: Store) -> None:
+    raw = make_mail(RECRUITER, "hiring.manager@example.com", "Team intro")
+    assert await send(relay, raw, RECRUITER, ["hiring.manager@example.com", ADA]) == 250
+    assert [t.candidates for t in await team.threads()] == [["C-1"]]
+
+
+@pytest.mark.parametrize("capture_forwards", [True, False])
+async def test_forward_of_candidate_mail_starts_a_new_thread(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink,
+        capture_forwards: bool) -> None:
+    gateway = await gateway_factory(capture_forwards=capture_forwards)
+    original = make_mail(ADA, RECRUITER, "My CV", message_id="<cv@applicant.test>")
+    assert await send(gateway, original, ADA, [RECRUITER]) == 250
+    forward = make_mail(
+        RECRUITER, "hiring.manager@example.com", "Fwd: My CV",
+        "Have a look.\n\n---------- Forwarded message ---------\n"
+        f"From: Ada Applicant <{ADA}>\nDate: Fri, 27 Nov 2026\nSubject: My CV\n"
+        f"To: <{RECRUITER}>\n\nPlease find my CV attached.\n",
+        References="<cv@applicant.test>")
+    assert await send(gateway, forward, RECRUITER, ["hiring.manager@example.com"]) == 250
+    assert len(sink.messages) == 2
+    threads = await team.threads("C-1")
+    expected = [1, 1] if capture_forwards else [1]
+    assert sorted(t.message_count for t in threads) == expected
+    if capture_forwards:
+        newest = await team.thread(threads[0].id)
+        assert newest.subject == "Fwd: My CV"
+        assert newest.messages[0]["to"] == ["hiring.manager@example.com"]
+
+
+async def test_archived_job_stops_capture_but_another_open_job_keeps_it(
+        relay: Gateway, team: Store) -> None:
+    await team.set_job_archived("J1", True)
+    assert await send(relay, make_mail(RECRUITER, ADA, "Update"), RECRUITER, [ADA]) == 250
+    assert await team.threads("C-1") == []
+
+    await team.add_candidate("C-3", "Multi Job", ["multi@applicant.test"], ["J1", "J2"])
+    raw = make_mail(RECRUITER, "multi@applicant.test", "Update")
+    assert await send(relay, raw, RECRUITER, ["multi@applicant.test"]) == 250
+    assert len(await team.threads("C-3")) == 1
+
+    await team.set_job_archived("J1", False)
+    assert await send(relay, make_mail(RECRUITER, ADA, "Reopened"), RECRUITER, [ADA]) == 250
+    assert len(await team.threads("C-1")) == 1
+
+
+async def test_internal_applicant_mail_never_syncs(relay: Gateway, team: Store) -> None:
+    await team.add_candidate("C-9", "Internal Applicant",
+                             ["eve@private.test", "eve@example.com"], ["J1"])
+    raw = make_mail(RECRUITER, "eve@example.com", "Salary review")
+    assert await send(relay, raw, RECRUITER, ["eve@example.com"]) == 250
+    assert await team.threads("C-9") == []
+    notices = (await team.candidate("C-9")).notices
+    assert any("eve@example.com was not added" in text for text, _ in notices)
+
+
+async def test_bulk_mail_to_a_candidate_is_not_captured(relay: Gateway, team: Store) -> None:
+    raw = make_mail(RECRUITER, ADA, "Newsletter", List_Id="<news.example.com>")
+    assert await send(relay, raw, RECRUITER, [ADA]) == 250
+    assert await team.threads() == []
+
+
+async def test_each_recipient_gets_the_upstreams_own_verdict(
+        relay: Gateway, sink: Sink) -> None:
+    sink.reject_rcpt["nobody@applicant.test"] = "550 5.1.1 No such user here"
+    raw = make_mail(RECRUITER, [ADA, "nobody@applicant.test"], "Hello")
+    result = await smtp_send(relay.relay.port, raw, RECRUITER, [ADA, "nobody@applicant.test"])
+    assert result.rcpt[ADA][0] == 250
+    assert result.rcpt["nobody@applicant.test"] == (550, "5.1.1 No such user here")
+    assert result.code == 250
+    assert sink.messages[0].rcpt_tos == [ADA]
+
+
+async def test_permanent_reject_at_data_is_passed_on_and_capture_removed(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    sink.data_reply = "554 5.7.1 Message rejected by policy"
+    result = await smtp_send(relay.relay.port, make_mail(RECRUITER, ADA), RECRUITER, [ADA])
+    assert (result.code, result.text) == (554, "5.7.1 Message rejected by policy")
+    assert await team.threads() == []
+
+
+async def test_temporary_failure_then_retry_is_stored_once(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = make_mail(RECRUITER, ADA, "Offer")
+    sink.data_reply = "451 4.3.0 Try later"
+    assert await send(relay, raw, RECRUITER, [ADA]) == 451
+    assert await team.threads() == []
+    sink.data_reply = None
+    assert await send(relay, raw, RECRUITER, [ADA]) == 250
+    # The MTA did not see our 250 the first time round and retries again.
+    assert await send(relay, raw, RECRUITER, [ADA]) == 250
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+async def test_message_without_message_id_is_deduplicated_by_content(
+        relay: Gateway, team: Store) -> None:
+    raw = make_mail(RECRUITER, ADA, "No id", message_id=None)
+    for _ in range(2):
+        assert await send(relay, raw, RECRUITER, [ADA]) == 250
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+async def test_upstream_down_is_a_temporary_failure(
+        gateway_factory: GatewayFactory, team: Store, unused_tcp_port: int) -> None:
+    gateway = await gateway_factory(upstream=Upstream("smtp", "127.0.0.1", unused_tcp_port))
+    result = await smtp_send(gateway.relay.port, make_mail(RECRUITER, ADA), RECRUITER, [ADA])
+    assert result.code == 451 and "Upstream unavailable" in result.text
+    assert await team.threads() == []
+
+
+async def test_upstream_refusing_the_sender_is_passed_on(relay: Gateway, sink: Sink) -> None:
+    sink.mail_reply = "553 5.7.1 Sender not allowed"
+    result = await smtp_send(relay.relay.port, make_mail(RECRUITER, ADA), RECRUITER, [ADA])
+    assert (result.code, result.text) == (553, "5.7.1 Sender not allowed")
+
+
+async def test_upstream_dropping_the_connection_at_data_loses_nothing(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = make_mail(RECRUITER, ADA, "Dropped")
+    sink.drop_at_data = True
+    assert await send(relay, raw, RECRUITER, [ADA]) == 451
+    assert await team.threads() == []
+    sink.drop_at_data = False
+    assert await send(relay, raw, RECRUITER, [ADA]) == 250
+    assert len(sink.messages) == 1
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+async def test_store_failure_defers_the_message_without_delivering_it(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    async with team.db.write() as session:
+        await session.execute(text("DROP TABLE candidate_jobs"))
+    result = await smtp_send(relay.relay.port, make_mail(RECRUITER, ADA), RECRUITER, [ADA])
+    assert result.code == 451 and "store unavailable" in result.text
+    assert "Error" not in result.text and "Table" not in result.text
+    assert sink.messages == []
+    # Mail that never reaches the broken table still flows.
+    other = make_mail("a@example.com", "b@example.com")
+    assert await send(relay, other, "a@example.com", ["b@example.com"]) == 250
+    assert len(sink.messages) == 1
+
+
+async def test_oversized_message_is_refused_with_552(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
+    gateway = await gateway_factory(max_message_size=10_000)
+    raw = make_mail(RECRUITER, ADA, "Big", "x" * 70 + "\n" * 0 + ("y" * 70 + "\n") * 200)
+    assert await send(gateway, raw, RECRUITER, [ADA]) == 552
+    assert sink.messages == []
+    assert await team.threads() == []
+    # The next, smaller message in a new transaction goes through.
+    assert await send(gateway, make_mail(RECRUITER, ADA), RECRUITER, [ADA]) == 250
+
+
+async def test_recipient_flood_is_refused_with_452(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
+    gateway = await gateway_factory(max_recipients=3)
+    rcpts = [f"r{i}@example.com" for i in range(5)]
+    result = await smtp_send(gateway.relay.port, make_mail(RECRUITER, rcpts), RECRUITER, rcpts)
+    assert [result.rcpt[r][0] for r in rcpts] == [250, 250, 250, 452, 452]
+    assert result.code == 250
+    assert sink.messages[0].rcpt_tos == rcpts[:3]
+
+
+async def test_client_outside_allowed_networks_is_refused_at_rcpt(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
+    import ipaddress
+    gateway = await gateway_factory(allowed_networks=(ipaddress.ip_network("127.0.0.1/32"),))
+    result = await smtp_send(gateway.relay.port, make_mail(RECRUITER, ADA), RECRUITER, [ADA],
+                             source="127.0.0.2")
+    assert result.rcpt[ADA][0] == 554 and "Relay access denied" in result.rcpt[ADA][1]
+    assert sink.sessions == 0
+    assert sink.messages == []
+
+
+async def test_null_sender_bounce_is_relayed(relay: Gateway, sink: Sink) -> None:
+    raw = make_mail("MAILER-DAEMON@example.com", ADA, "Undelivered Mail Returned to Sender")
+    assert await send(relay, raw, "", [ADA]) == 250
+    assert sink.messages[0].mail_from == "<>"
+
+
+async def test_bare_lf_dot_cannot_smuggle_a_second_message(
+        relay: Gateway, sink: Sink) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.relay.port)
+
+    async def answer() -> bytes:
+        line = await reader.readline()
+        while line[3:4] == b"-":
+            line = await reader.readline()
+        return line
+
+    await answer()
+    for command in (b"EHLO client.test", f"MAIL FROM:<{RECRUITER}>".encode(),
+                    f"RCPT TO:<{ADA}>".encode(), b"DATA"):
+        writer.write(command + b"\r\n")
+        await answer()
+    writer.write(b"Subject: one\r\n\r\nbody\n.\nMAIL FROM:<evil@evil.test>\r\n"
+                 b"RCPT TO:<victim@example.com>\r\nDATA\r\n\r\nsmuggled\r\n.\r\n")
+    assert (await answer()).startswith(b"250")
+    writer.write(b"QUIT\r\n")
+    await answer()
+    writer.close()
+    assert len(sink.messages) == 1
+    assert sink.messages[0].rcpt_tos == [ADA]
+    assert b"evil@evil.test" in sink.messages[0].content
+
+
+async def test_client_hanging_up_mid_data_delivers_and_stores_nothing(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.relay.port)
+    await reader.readline()
+    for command in (b"HELO client.test", f"MAIL FROM:<{RECRUITER}>".encode(),
+                    f"RCPT TO:<{ADA}>".encode(), b"DATA"):
+        writer.write(command + b"\r\n")
+        await reader.readline()
+    writer.write(b"Subject: half\r\n\r\nonly half of it")
+    await writer.drain()
+    writer.close()
+    await asyncio.sleep(0.2)
+    assert sink.messages == []
+    assert await team.threads() == []
+    assert await send(relay, make_mail(RECRUITER, ADA), RECRUITER, [ADA]) == 250
+
+
+async def test_concurrent_sessions_are_all_captured(relay: Gateway, team: Store) -> None:
+    mails = [make_mail(RECRUITER, ADA if i % 2 else GRACE, f"Mail {i}") for i in range(30)]
+    codes = await asyncio.gather(*(
+        send(relay, raw, RECRUITER, [ADA if i % 2 else GRACE]) for i, raw in enumerate(mails)))
+    assert codes == [250] * 30
+    assert len(await team.threads("C-1")) == 15
+    assert len(await team.threads("C-2")) == 15
+
+
+async def test_shutdown_lets_the_transaction_in_flight_finish(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    sink.data_delay = 0.5
+    sending = asyncio.create_task(send(relay, make_mail(RECRUITER, ADA), RECRUITER, [ADA]))
+    while not relay.relay.sessions or not any(s.in_transaction for s in relay.relay.sessions):
+        await asyncio.sleep(0.01)
+    await relay.relay.stop(grace=5)
+    assert await sending == 250
+    assert len(sink.messages) == 1
+    assert len(await team.threads("C-1")) == 1
+
+
+async def test_every_decision_is_logged_as_one_structured_line(
+        relay: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="atsmail.decisions")
+    await send(relay, make_mail(RECRUITER, ADA, message_id="<logged@example.com>"),
+               RECRUITER, [ADA])
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "atsmail.decisions"]
+    assert lines == [{
+        "event": "relay", "message_id": "logged@example.com", "from": RECRUITER,
+        "size": lines[0]["size"], "verdict": "capture", "candidates": ["C-1"],
+        "thread": "new", "direction": "outbound",
+        "rules": ["direction", "team-scope", "candidate-match"], "upstream": 250,
+    }]
+
+
+async def test_maildir_upstream_delivers_into_new(
+        gateway_factory: GatewayFactory, team: Store, tmp_path: Path) -> None:
+    gateway = await gateway_factory(upstream=Upstream("maildir", path=tmp_path / "Maildir"))
+    raw = make_mail(RECRUITER, ADA, "To the maildir")
+    assert await send(gateway, raw, RECRUITER, [ADA]) == 250
+    delivered = list((tmp_path / "Maildir" / "new").iterdir())
+    assert len(delivered) == 1
+    assert delivered[0].read_bytes() == crlf(raw)
+    assert len(await team.threads("C-1")) == 1

@@ -1,0 +1,198 @@
+"""The store's service layer on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from atsmail.rules import Context, decide, read_message
+from atsmail.storage import Capture, CaptureWriter, Store, UserError
+from atsmail.storage.migrate import is_current
+from tests.conftest import make_mail
+
+RECRUITER = "recruiter@example.com"
+
+
+async def capture(store: Store, raw: bytes, writer: CaptureWriter | None = None,
+                  confirm: bool = True) -> Capture:
+    facts = read_message(raw)
+    decision = decide(facts, await store.context_for(facts, capture_forwards=True))
+    assert decision.capture, decision.trace
+    item = Capture(facts, decision, raw, "relay")
+    own = writer is None
+    writer = writer or CaptureWriter(store.db)
+    await writer.start()
+    try:
+        prepared = await writer.prepare(item)
+        if confirm:
+            await writer.confirm(prepared)
+    finally:
+        if own:
+            await writer.stop()
+    return item
+
+
+async def test_a_new_team_member_is_removed_from_candidates_with_a_notice(team: Store) -> None:
+    await team.add_candidate("C-5", "Sam Switcher", ["sam@home.test", "sam@work.test"])
+    removals = await team.add_team_member("SAM@home.test", "Sam", "recruiter")
+    assert [(r.candidate_id, r.address) for r in removals] == [("C-5", "sam@home.test")]
+    view = await team.candidate("C-5")
+    assert view.emails == ["sam@work.test"]
+    assert len(view.notices) == 1
+    assert "sam@home.test was removed" in view.notices[0][0]
+    assert "team member" in view.notices[0][0]
+
+
+async def test_a_new_internal_domain_removes_its_addresses_and_subdomains(team: Store) -> None:
+    await team.add_candidate("C-6", "Ivan Internal",
+                             ["ivan@corp.test", "ivan@eu.corp.test", "ivan@notcorp.test"])
+    removed = await team.add_domain("CORP.test")
+    assert sorted(r.address for r in removed) == ["ivan@corp.test", "ivan@eu.corp.test"]
+    view = await team.candidate("C-6")
+    assert view.emails == ["ivan@notcorp.test"]
+    assert all("corp.test is an internal domain" in text for text, _ in view.notices)
+
+
+async def test_internal_addresses_are_refused_on_new_candidates(team: Store) -> None:
+    refused = await team.add_candidate("C-7", "Mixed", ["mixed@example.com", "mixed@home.test"])
+    assert len(refused) == 1 and "mixed@example.com was not added" in refused[0]
+    assert (await team.candidate("C-7")).emails == ["mixed@home.test"]
+    with pytest.raises(UserError, match="internal domain"):
+        await team.add_candidate("C-8", "Only Internal", ["only@sub.example.com"])
+    with pytest.raises(UserError, match="team member"):
+        await team.add_candidate("C-8", "Recruiter", [RECRUITER])
+    with pytest.raises(UserError, match="unknown candidate"):
+        await team.candidate("C-8")
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda s: s.add_candidate("C-1", "Again", ["x@y.test"]), "already exists"),
+    (lambda s: s.add_candidate("C-X", "No job", ["x@y.test"], ["NOPE"]), "unknown job NOPE"),
+    (lambda s: s.add_candidate("C-X", "Bad", ["not-an-address"]), "not a mail address"),
+    (lambda s: s.add_candidate("bad id", "Bad", ["x@y.test"]), "bad candidate id"),
+    (lambda s: s.add_team_member(RECRUITER), "already a team member"),
+    (lambda s: s.add_team_member("new@example.com", role="owner"), "unknown role"),
+    (lambda s: s.add_domain("example.com"), "already an internal domain"),
+    (lambda s: s.add_domain("localhost"), "not a domain"),
+    (lambda s: s.remove_domain("other.test"), "not an internal domain"),
+    (lambda s: s.add_job("J1", "Dup"), "already exists"),
+    (lambda s: s.set_job_archived("NOPE", True), "unknown job"),
+    (lambda s: s.delete_candidate("NOPE"), "unknown candidate"),
+    (lambda s: s.thread(999), "unknown thread"),
+    (lambda s: s.threads("NOPE"), "unknown candidate"),
+])
+async def test_user_errors_are_clear(team: Store, call, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UserError, match=message):
+        await call(team)
+
+
+async def test_idn_and_case_spellings_are_one_address(team: Store) -> None:
+    await team.add_candidate("C-IDN", "Jürgen", ["Juergen@XN--MNCHEN-3YA.test"])
+    assert (await team.candidate("C-IDN")).emails == ["juergen@münchen.test"]
+    facts = read_message(make_mail(RECRUITER, "juergen@münchen.test"))
+    context = await team.context_for(facts, capture_forwards=True)
+    assert "C-IDN" in context.candidates
+
+
+async def test_context_loads_only_what_the_message_points_at(team: Store) -> None:
+    item = await capture(team, make_mail(RECRUITER, "ada@applicant.test",
+                                         message_id="<ctx@example.com>"))
+    reply = read_message(make_mail("stranger@else.test", RECRUITER,
+                                   In_Reply_To="<ctx@example.com>"))
+    context = await team.context_for(reply, capture_forwards=True)
+    assert set(context.candidates) == {"C-1"}
+    known = context.known_messages["ctx@example.com"]
+    assert known.candidates == frozenset({"C-1"})
+    assert item.facts.message_id == "ctx@example.com"
+    assert context.team == frozenset({RECRUITER})
+    assert context.internal_domains == frozenset({"example.com"})
+    assert isinstance(context, Context)
+
+
+async def test_deleting_a_candidate_keeps_mail_another_candidate_needs(team: Store) -> None:
+    await capture(team, make_mail(RECRUITER, "ada@applicant.test", "Only Ada"))
+    await capture(team, make_mail(RECRUITER, ["ada@applicant.test", "grace@candidates.test"],
+                                  "Both"))
+    assert await team.delete_candidate("C-1") == 1
+    assert await team.threads("C-2") == [
+        t for t in await team.threads() if t.subject == "Both"]
+    summaries = await team.threads()
+    assert [(t.subject, t.candidates) for t in summaries] == [("Both", ["C-2"])]
+    with pytest.raises(UserError):
+        await team.candidate("C-1")
+
+
+async def test_erased_text_is_gone_from_the_sqlite_files(team: Store, store_url: str) -> None:
+    if not store_url.startswith("sqlite"):
+        pytest.skip("this test reads the SQLite file's bytes")
+    path = Path(store_url.partition(":///")[2])
+    marker = "Zebrafinch-Secret-7731"
+    await capture(team, make_mail(RECRUITER, "ada@applicant.test", f"About {marker}",
+                                  f"The {marker} body.\n" * 50))
+    await team.db.checkpoint()
+    assert marker.encode() in path.read_bytes()
+
+    await team.delete_candidate("C-1")
+    files = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
+    for file in files:
+        assert marker.encode() not in file.read_bytes(), file.name
+
+
+async def test_pending_captures_are_invisible_until_confirmed(team: Store) -> None:
+    raw = make_mail(RECRUITER, "ada@applicant.test", "Pending")
+    await capture(team, raw, confirm=False)
+    assert await team.threads() == []
+    await capture(team, raw)  # the retry finds the pending copy and confirms it
+    assert [t.message_count for t in await team.threads()] == [1]
+
+
+async def test_discard_never_removes_a_copy_it_did_not_create(team: Store) -> None:
+    raw = make_mail(RECRUITER, "ada@applicant.test", "Kept")
+    item = await capture(team, raw)
+    writer = CaptureWriter(team.db)
+    await writer.start()
+    again = await writer.prepare(item)
+    assert not again.created
+    await writer.discard(again)
+    await writer.stop()
+    assert [t.message_count for t in await team.threads()] == [1]
+
+
+async def test_grouped_commits_fail_one_operation_alone(team: Store) -> None:
+    good = [make_mail(RECRUITER, "ada@applicant.test", f"Good {i}") for i in range(20)]
+    doomed_raw = make_mail(RECRUITER, "grace@candidates.test", "Doomed")
+    doomed_facts = read_message(doomed_raw)
+    doomed = Capture(doomed_facts, decide(doomed_facts, await team.context_for(
+        doomed_facts, capture_forwards=True)), doomed_raw, "relay")
+    await team.delete_candidate("C-2")  # its capture now violates a foreign key
+
+    writer = CaptureWriter(team.db)
+    await writer.start()
+    items = []
+    for raw in good:
+        facts = read_message(raw)
+        items.append(Capture(facts, decide(facts, await team.context_for(facts, True)), raw,
+                             "relay"))
+    results = await asyncio.gather(*(writer.prepare(i) for i in [*items[:10], doomed,
+                                                                 *items[10:]]),
+                                   return_exceptions=True)
+    assert sum(isinstance(r, Exception) for r in results) == 1
+    assert isinstance(results[10], Exception)
+    await asyncio.gather(*(writer.confirm(r) for r in results if not isinstance(r, Exception)))
+    await writer.stop()
+    assert len(await team.threads("C-1")) == 20
+
+
+async def test_migrations_are_tracked(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite+aiosqlite:///{tmp_path}/fresh.db")
+    try:
+        assert not await is_current(store.db)
+        with pytest.raises(UserError, match="atsmail init"):
+            await store.ensure_current()
+        await store.migrate()
+        await store.migrate()  # a second init is harmless
+        assert await is_current(store.db)
+    finally:
+        await store.close()

@@ -1,0 +1,251 @@
+"""The `atsmail` command as a user runs it: exit codes, messages, JSON shapes.
+
+The last tests run `atsmail serve` as a real process and mail through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from atsmail.cli import main
+from tests.conftest import make_mail
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "atsmail.toml"
+    path.write_text(f"""
+[storage]
+url = "sqlite+aiosqlite:///store/atsmail.db"
+
+[relay]
+listen = "127.0.0.1:{free_port()}"
+upstream = "maildir:delivered"
+allowed_networks = ["127.0.0.0/8"]
+""")
+    return path
+
+
+class Cli:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, code: int = 0) -> Result:
+        result = self.runner.invoke(main, ["--config", str(self.config), *args])
+        assert result.exit_code == code, (result.output, result.exception)
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self(*args, "--json").stdout)
+
+
+@pytest.fixture
+def cli(config_file: Path) -> Cli:
+    run = Cli(config_file)
+    run("init")
+    return run
+
+
+def test_init_creates_the_store_next_to_the_config(config_file: Path) -> None:
+    result = Cli(config_file)("init")
+    assert (config_file.parent / "store" / "atsmail.db").exists()
+    assert "store ready" in result.stdout
+
+
+def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
+    result = Cli(config_file)("user", "list", code=1)
+    assert "run `atsmail init`" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("[relay]\nlisten = 25\n", "relay.listen: expected a string, got int"),
+    ("[relay]\nlistne = '127.0.0.1:25'\n", "relay.listne: unknown key"),
+    ("[relya]\n", "relya: unknown key"),
+    ("[relay]\nupstream = 'ftp://x'\n", "relay.upstream: expected smtp://HOST[:PORT]"),
+    ("[relay]\nallowed_networks = ['10.0.0.0/33']\n", "relay.allowed_networks"),
+    ("[relay]\nmax_recipients = 0\n", "relay.max_recipients: must be positive"),
+    ("[relay]\nmax_message_size = true\n", "relay.max_message_size: expected an integer"),
+    ("[capture]\ncapture_forwards = 'yes'\n", "capture.capture_forwards: expected true or"),
+    ("[relay\n", "not valid TOML"),
+])
+def test_bad_configuration_names_the_file_and_key(tmp_path: Path, content: str,
+                                                  expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = Cli(path)("init", code=1)
+    assert str(path) in result.stderr
+    assert expected in result.stderr
+
+
+def test_config_is_found_through_the_environment(tmp_path: Path, config_file: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("ATSMAIL_CONFIG", str(config_file))
+    assert CliRunner().invoke(main, ["init"]).exit_code == 0
+    monkeypatch.delenv("ATSMAIL_CONFIG")
+    missing = CliRunner().invoke(main, ["init"])
+    assert missing.exit_code == 1 and "atsmail.toml: configuration file not found" in (
+        missing.stderr)
+
+
+def test_bad_usage_exits_2(cli: Cli) -> None:
+    cli("candidate", "add", "C-1", code=2)
+    cli("user", "add", "a@b.test", "--role", "king", code=2)
+    cli("no-such-command", code=2)
+
+
+def test_team_domains_and_jobs(cli: Cli) -> None:
+    cli("user", "add", "Rita@Example.com", "--name", "Rita", "--role", "admin")
+    assert cli.json("user", "list") == [
+        {"email": "rita@example.com", "name": "Rita", "role": "admin",
+         "created_at": cli.json("user", "list")[0]["created_at"]}]  # type: ignore[index]
+    assert "already a team member" in cli("user", "add", "rita@example.com", code=1).stderr
+    cli("domain", "add", "example.com")
+    assert [d["domain"] for d in cli.json("domain", "list")] == ["example.com"]  # type: ignore[union-attr,index]
+    cli("domain", "remove", "example.com")
+    assert cli.json("domain", "list") == []
+    assert "not an internal domain" in cli("domain", "remove", "example.com", code=1).stderr
+    cli("job", "add", "J1", "--title", "Engineer")
+    cli("job", "archive", "J1")
+    assert cli.json("job", "list") == [
+        {"id": "J1", "title": "Engineer", "archived": True, "candidates": 0}]
+    cli("job", "reopen", "J1")
+    assert "unknown job" in cli("job", "archive", "J2", code=1).stderr
+
+
+def test_candidates_show_their_notices(cli: Cli) -> None:
+    cli("domain", "add", "example.com")
+    cli("job", "add", "J1", "--title", "Engineer")
+    added = cli("candidate", "add", "C-1", "--name", "Ada", "--email", "ada@applicant.test",
+                "--email", "ada@example.com", "--job", "J1")
+    assert "ada@example.com was not added" in added.stderr
+    shown = cli.json("candidate", "show", "C-1")
+    assert isinstance(shown, dict)
+    assert shown["emails"] == ["ada@applicant.test"]
+    assert shown["jobs"] == [{"id": "J1", "archived": False}]
+    assert [set(n) for n in shown["notices"]] == [{"text", "at"}]
+    assert [c["id"] for c in cli.json("candidate", "list")] == ["C-1"]  # type: ignore[union-attr,index]
+    assert "unknown candidate" in cli("candidate", "show", "C-2", code=1).stderr
+    cli("candidate", "delete", "C-1")
+    assert cli.json("candidate", "list") == []
+
+
+def test_import_adds_every_good_record_and_reports_the_bad(cli: Cli, tmp_path: Path) -> None:
+    cli("job", "add", "J1", "--title", "Engineer")
+    jsonl = tmp_path / "candidates.jsonl"
+    jsonl.write_text(
+        '{"id": "C-1", "name": "Ada", "emails": ["ada@a.test"], "jobs": ["J1"]}\n'
+        '{"id": "C-2", "name": "Bob", "emails": "bob@b.test"}\n'
+        "not json\n"
+        '{"id": "C-3", "name": "Cy", "emails": ["cy@c.test"], "jobs": ["NOPE"]}\n'
+        '{"id": "C-4", "name": "Di", "emails": ["di@d.test"], "colour": "red"}\n')
+    result = cli("candidate", "import", str(jsonl), code=1)
+    assert "imported 2 candidates" in result.stdout
+    assert "line 3: not JSON" in result.stderr
+    assert "line 4: unknown job NOPE" in result.stderr
+    assert "line 5: unknown fields: colour" in result.stderr
+
+    csv_file = tmp_path / "candidates.csv"
+    csv_file.write_text("id,name,emails,jobs\nC-5,Eve,eve@e.test;eve@f.test,J1\n"
+                        "C-6,Fay,fay@f.test,\n")
+    assert "imported 2 candidates" in cli("candidate", "import", str(csv_file)).stdout
+    assert cli.json("candidate", "show", "C-5")["emails"] == [  # type: ignore[index]
+        "eve@e.test", "eve@f.test"]
+
+
+def test_explain_prints_the_whole_trace(cli: Cli, tmp_path: Path) -> None:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "recruiter@example.com")
+    cli("candidate", "add", "C-1", "--name", "Ada", "--email", "ada@applicant.test")
+    mail = tmp_path / "msg.eml"
+    mail.write_bytes(make_mail("recruiter@example.com", "ada@applicant.test", "Hi"))
+    explained = cli.json("explain", str(mail))
+    assert isinstance(explained, dict)
+    assert (explained["capture"], explained["candidates"], explained["thread"]) == (
+        True, ["C-1"], "new")
+    assert [t["rule"] for t in explained["trace"]] == [
+        "bulk", "direction", "team-scope", "thread-link", "candidate-match", "forward",
+        "archived-jobs"]
+    assert all(t["verdict"] in ("hit", "miss") and t["reasons"] for t in explained["trace"])
+
+    mail.write_bytes(make_mail("someone@else.test", "friend@example.com", "Hi"))
+    assert cli.json("explain", str(mail))["capture"] is False  # type: ignore[index]
+    text = cli("explain", str(mail)).stdout
+    assert "PASS" in text and "team-scope" in text
+
+
+# --- the real process ------------------------------------------------------------
+
+
+@pytest.fixture
+def served(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    cli("domain", "add", "example.com")
+    cli("user", "add", "recruiter@example.com")
+    cli("candidate", "add", "C-1", "--name", "Ada Applicant", "--email", "ada@applicant.test")
+    port = int(config_file.read_text().split("127.0.0.1:")[1].split('"')[0])
+    log = config_file.parent / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "atsmail", "--config", str(config_file), "serve"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+    yield process, port, log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
+        cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path], config_file: Path) -> None:
+    process, port, log = served
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.sendmail("recruiter@example.com", ["ada@applicant.test"],
+                        make_mail("recruiter@example.com", "ada@applicant.test", "Welcome"))
+        client.sendmail("a@example.com", ["b@example.com"],
+                        make_mail("a@example.com", "b@example.com", "Internal"))
+    threads = cli.json("threads", "--candidate", "C-1")
+    assert isinstance(threads, list) and len(threads) == 1
+    assert set(threads[0]) >= {"id", "subject", "candidates", "message_count", "last_date"}
+    shown = cli.json("thread", "show", str(threads[0]["id"]))
+    assert isinstance(shown, dict)
+    assert shown["candidates"] == ["C-1"]
+    assert [{k: m[k] for k in ("direction", "source", "from", "to", "cc", "subject")}
+            for m in shown["messages"]] == [
+        {"direction": "outbound", "source": "relay", "from": "recruiter@example.com",
+         "to": ["ada@applicant.test"], "cc": [], "subject": "Welcome"}]
+    assert len(list((config_file.parent / "delivered" / "new").iterdir())) == 2
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+    output = log.read_text()
+    assert "stopped" in output and "Traceback" not in output
+    assert '"verdict": "capture"' in output and '"verdict": "pass"' in output
