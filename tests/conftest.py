@@ -148,6 +148,8 @@ class Sink:
     data_reply: str | None = None
     drop_at_data: bool = False
     data_delay: float = 0.0
+    # Close each connection right after answering DATA, as an idle timeout would.
+    hang_up_after_data: bool = False
     sessions: int = 0
     port: int = 0
     server: asyncio.Server | None = None
@@ -179,6 +181,8 @@ class Sink:
             return self.data_reply
         self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
                                       bytes(envelope.original_content or b"")))
+        if self.hang_up_after_data and server.transport is not None:
+            asyncio.get_running_loop().call_later(0.01, server.transport.close)
         return f"250 2.0.0 Ok: queued as S{len(self.messages)}"
 
     def _protocol(self) -> SMTP:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from atsmail.config import Config
-from atsmail.gateway.upstream import Reply, UpstreamSession, open_session
+from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
 from atsmail.rules import Decision, MessageFacts, decide, read_message
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store
 
@@ -168,10 +168,15 @@ class Relay:
     async def handle_MAIL(self, server: SMTP, session: RelaySession, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if self._allowed(session):
-            upstream = await self._upstream(session)
-            if isinstance(upstream, Reply):
-                return str(upstream)
-            reply = await upstream.mail(address, mail_options)
+            # Twice at most: a kept upstream connection may have been closed
+            # by the upstream while the client was idle.
+            for _ in range(2):
+                upstream = await self._upstream(session)
+                if isinstance(upstream, Reply):
+                    return str(upstream)
+                reply = await upstream.mail(address, mail_options)
+                if reply is not LOST:
+                    break
             if not reply.ok:
                 return str(reply)
             status = str(reply)

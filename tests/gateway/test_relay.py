@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from sqlalchemy import text
 
@@ -215,6 +216,21 @@ async def test_upstream_dropping_the_connection_at_data_loses_nothing(
     assert await send(relay, raw, RECRUITER, [ADA]) == 250
     assert len(sink.messages) == 1
     assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+async def test_upstream_closing_an_idle_connection_is_reopened_transparently(
+        relay: Gateway, sink: Sink) -> None:
+    sink.hang_up_after_data = True
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.relay.port, start_tls=False)
+    await client.connect()
+    for i in range(3):
+        raw = make_mail(RECRUITER, ADA, f"Message {i}")
+        errors, _ = await client.sendmail(RECRUITER, [ADA], raw)
+        assert errors == {}
+        await asyncio.sleep(0.1)
+    await client.quit()
+    assert len(sink.messages) == 3
+    assert sink.sessions == 3
 
 
 async def test_store_failure_defers_the_message_without_delivering_it(
