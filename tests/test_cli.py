@@ -249,3 +249,10 @@ def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
     output = log.read_text()
     assert "stopped" in output and "Traceback" not in output
     assert '"verdict": "capture"' in output and '"verdict": "pass"' in output
+
+
+def test_a_second_serve_on_a_taken_port_fails_clearly(
+        cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+    result = cli("serve", code=1)
+    assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
+    assert served[0].poll() is None

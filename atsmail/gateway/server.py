@@ -40,7 +40,7 @@ async def serve(config: Config) -> None:
     try:
         await gateway.start()
     except BaseException:
-        await gateway.store.close()
+        await gateway.stop(grace=0)
         raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
