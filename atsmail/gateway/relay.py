@@ -26,8 +26,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from atsmail.config import Config
 from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
-from atsmail.rules import Decision, MessageFacts, decide, read_message
-from atsmail.storage import Capture, CaptureWriter, Prepared, Store
+from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
+from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
+from atsmail.storage.lookup import Directory, load_directory
 
 T = TypeVar("T")
 
@@ -37,6 +38,9 @@ decisions = logging.getLogger("atsmail.decisions")
 # Messages larger than this are parsed in a worker thread, so one big
 # message does not stall every other session.
 PARSE_IN_THREAD_ABOVE = 256 * 1024
+
+# How often team members and internal domains are reloaded from the store.
+DIRECTORY_REFRESH = 1.0
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
@@ -84,10 +88,14 @@ class Relay:
         self.sessions: set[RelayProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self.directory = Directory()
+        self._refresher: asyncio.Task[None] | None = None
 
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        await self.refresh_directory()
+        self._refresher = asyncio.create_task(self._keep_directory_fresh())
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, host=self.relay.listen_host, port=self.relay.listen_port,
@@ -126,6 +134,21 @@ class Relay:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+
+    async def refresh_directory(self) -> None:
+        """Reload who is internal; admin changes reach the relay this way."""
+        self.directory = await self.store.db.run(load_directory, write=False)
+
+    async def _keep_directory_fresh(self) -> None:
+        while True:
+            await asyncio.sleep(DIRECTORY_REFRESH)
+            try:
+                await self.refresh_directory()
+            except Exception:
+                log.warning("could not reload team members and internal domains", exc_info=True)
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coro)
@@ -233,8 +256,7 @@ class Relay:
         sender = envelope.mail_from if envelope.mail_from != "<>" else None
         try:
             facts = await self._read(raw, sender, list(envelope.rcpt_tos))
-            decision = decide(facts, await self.store.context_for(
-                facts, self.config.capture.capture_forwards))
+            decision = await self._decide(facts)
         except Exception:
             log.exception("could not judge a message; deferring it")
             await upstream.reset()
@@ -254,6 +276,19 @@ class Relay:
             await self._settle(prepared, reply, facts)
         self._log(facts, decision, reply)
         return str(reply)
+
+    async def _decide(self, facts: MessageFacts) -> Decision:
+        forwards = self.config.capture.capture_forwards
+        directory = self.directory
+        # Most company mail is settled by the headers and the directory alone
+        # (bulk, or no team member taking part): no store read for it.
+        quick = decide(facts, Context(internal_domains=directory.domains, team=directory.team,
+                                      capture_forwards=forwards), stop_at_veto=True)
+        if quick.vetoed:
+            return quick
+        context = await self.store.db.run(
+            lambda conn: lookup.context_for(conn, facts, directory, forwards), write=False)
+        return decide(facts, context)
 
     async def _read(self, raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
         if len(raw) > PARSE_IN_THREAD_ABOVE:

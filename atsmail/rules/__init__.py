@@ -21,6 +21,6 @@ __all__ = [
 ]
 
 
-def decide(msg: MessageFacts, ctx: Context) -> Decision:
+def decide(msg: MessageFacts, ctx: Context, stop_at_veto: bool = False) -> Decision:
     """Run the standard rule table."""
-    return evaluate(msg, ctx, RULES)
+    return evaluate(msg, ctx, RULES, stop_at_veto)

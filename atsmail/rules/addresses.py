@@ -13,6 +13,7 @@ from collections.abc import Collection
 from email.headerregistry import Address
 from email.utils import getaddresses
 
+_SPACE = re.compile(r"\s")
 _LOOSE_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+\.[^\s<>()\[\]\"',;:]+")
 
 
@@ -48,7 +49,7 @@ def normalize_address(address: str) -> str:
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
     local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or any(c.isspace() for c in address):
+    if not at or not local or not domain or _SPACE.search(address):
         raise AddressError(f"not a mail address: {address!r}")
     return f"{local.lower()}@{normalize_domain(domain)}"
 

@@ -65,6 +65,7 @@ class Decision:
     trace: tuple[TraceEntry, ...] = field(default=())
     # The rules that settled the outcome: those that vetoed it, else the hits.
     deciding_rules: tuple[str, ...] = ()
+    vetoed: bool = False
 
     @property
     def thread(self) -> Literal["new", "existing"] | None:
@@ -73,7 +74,10 @@ class Decision:
         return "existing" if self.thread_id is not None else "new"
 
 
-def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule]) -> Decision:
+def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
+             stop_at_veto: bool = False) -> Decision:
+    """Run `rules` in order. With `stop_at_veto` the walk ends at the first
+    veto and the trace is partial: for callers that only need the outcome."""
     trace: list[TraceEntry] = []
     candidates: dict[str, None] = {}
     excluded: set[str] = set()
@@ -87,6 +91,8 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule]) -> Decision
         trace.append(TraceEntry(rule.name, "hit" if verdict.hit else "miss", verdict.reasons))
         if verdict.veto:
             vetoes.append(rule.name)
+            if stop_at_veto:
+                break
         if not verdict.hit:
             continue
         direction = verdict.direction or direction
@@ -107,4 +113,5 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule]) -> Decision
         thread_id=None if new_thread or not capture else thread_id,
         trace=tuple(trace),
         deciding_rules=tuple(vetoes) or tuple(t.rule for t in trace if t.verdict == "hit"),
+        vetoed=bool(vetoes),
     )

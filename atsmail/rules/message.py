@@ -15,16 +15,20 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email import message_from_bytes, policy
-from email.message import EmailMessage, Message
-from email.utils import parsedate_to_datetime
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
+from email.utils import getaddresses, parsedate_to_datetime
+from functools import cached_property
 
-from atsmail.rules.addresses import addresses_in_header, addresses_in_text, try_normalize
+from atsmail.rules.addresses import addresses_in_text, try_normalize
 
 # Longer Message-IDs are junk; they are ignored so that stored ids stay
 # indexable on every database.
 _MSG_ID_MAX = 900
-_MSG_ID = re.compile(rf"<([^<>\s]{{1,{_MSG_ID_MAX}}})>")
+_MSG_ID = re.compile(rf"<([^<>\s\x00-\x1f\x7f]{{1,{_MSG_ID_MAX}}})>")
 _FORWARD_SUBJECT = re.compile(
     r"^\s*(?:\[[^\]]*\]\s*)?(?:(?:re|aw|sv|antw)\s*:\s*)*(?:fwd?|wg|tr|rv)\s*:", re.IGNORECASE
 )
@@ -40,6 +44,14 @@ _FORWARD_MARKERS = re.compile(
 _ORIGINAL_MARKERS = re.compile(
     r"^[ \t>]*-{2,}\s*(?:original message|urspr[üu]ngliche nachricht)\s*-{2,}",
     re.IGNORECASE | re.MULTILINE,
+)
+# Worth parsing the body for: a forward marker, an attached message, or text
+# whose encoding could hide a marker. Plain substring tests on the lower-cased
+# bytes: far cheaper than a regex over every message the relay sees.
+_FORWARD_HINTS = (
+    b"forwarded message", b"weitergeleitete nachricht", b"message transf",
+    b"mensaje reenviado", b"doorgestuurd bericht", b"messaggio inoltrato",
+    b"anfang der weitergeleiteten", b"message/rfc822", b"base64",
 )
 _BLOCK_ADDRESS_FIELDS = re.compile(
     r"^[ \t>]*\*?(?:from|von|de|da|van|to|an|[àa]|para|aan|cc|kopie)\s*:\*?\s*(.+)$",
@@ -83,10 +95,17 @@ class MessageFacts:
     list_id: str | None
     list_unsubscribe: bool
     precedence: str | None
-    forward: Forward
     content_hash: str
     size: int
+    raw: bytes = field(repr=False)
     defects: tuple[str, ...] = field(default=())
+
+    @cached_property
+    def forward(self) -> Forward:
+        """Read from the body on first use, and only when a forward is possible."""
+        if not _might_forward(self.subject, self.raw):
+            return Forward()
+        return _read_forward(BytesParser(policy=compat32).parsebytes(self.raw), self.subject)
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -116,12 +135,13 @@ def read_message(
     envelope_sender: str | None = None,
     envelope_recipients: Iterable[str] = (),
 ) -> MessageFacts:
-    msg = message_from_bytes(raw, policy=policy.default)
-    assert isinstance(msg, EmailMessage)
+    # Headers only: the body is read later, and only when a forward is possible.
+    # The parser walks a body line by line even with headersonly, so it gets
+    # just the header block.
+    msg = BytesParser(policy=compat32).parsebytes(_header_block(raw), headersonly=True)
     defects: list[str] = [type(d).__name__ for d in msg.defects]
     reader = _HeaderReader(msg, defects)
     ids = reader.message_ids("Message-ID")
-    precedence = reader.text("Precedence").strip().lower() or None
     return MessageFacts(
         message_id=ids[0] if ids else None,
         subject=reader.text("Subject"),
@@ -136,51 +156,87 @@ def read_message(
             a for a in (try_normalize(r) for r in envelope_recipients) if a),
         in_reply_to=reader.message_ids("In-Reply-To"),
         references=reader.message_ids("References"),
-        list_id=reader.text("List-Id").strip() or None,
-        list_unsubscribe=bool(reader.text("List-Unsubscribe").strip()),
-        precedence=precedence,
-        forward=_read_forward(msg, reader.text("Subject"), defects),
+        list_id=reader.text("List-Id") or None,
+        list_unsubscribe=bool(reader.text("List-Unsubscribe")),
+        precedence=reader.text("Precedence").lower() or None,
         content_hash=hashlib.sha256(raw).hexdigest(),
         size=len(raw),
+        raw=raw,
         defects=tuple(dict.fromkeys(defects)),
     )
 
 
+_UNDECODABLE = (HeaderParseError, LookupError, UnicodeError, ValueError)
+
+
+def _header_block(raw: bytes) -> bytes:
+    """The bytes up to and including the blank line that ends the header."""
+    crlf = raw.find(b"\r\n\r\n")
+    # A bare-LF blank line may end the header earlier (or be the only one).
+    lf = raw.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(raw))
+    if lf >= 0:
+        return raw[:lf + 2]
+    return raw[:crlf + 4] if crlf >= 0 else raw
+
+
+def _unescape(value: str) -> str:
+    """Header text as Unicode: raw 8-bit bytes (RFC 6532) are read as UTF-8.
+
+    NUL is dropped: no store keeps it in text, and no header needs it.
+    """
+    if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):
+        value = value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+    return value.replace("\x00", "")
+
+
+def _decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded; raises on undecodable ones."""
+    return str(make_header(decode_header(value)))
+
+
 class _HeaderReader:
-    """Header access that survives malformed headers."""
+    """Header access over the fast `compat32` model that survives malformed headers."""
 
     def __init__(self, msg: Message, defects: list[str]) -> None:
         self.msg = msg
         self.defects = defects
 
-    def _values(self, name: str) -> list[object]:
-        try:
-            return list(self.msg.get_all(name) or [])
-        except Exception as exc:  # the header parser has known crashes on junk
-            self.defects.append(f"{name}: {type(exc).__name__}")
-            raw = [v for k, v in self.msg.raw_items() if k.lower() == name.lower()]
-            return list(raw)
+    def _values(self, name: str) -> list[str]:
+        return [_unescape(str(v)) for v in self.msg.get_all(name) or []]
 
     def text(self, name: str) -> str:
         values = self._values(name)
         if not values:
             return ""
-        return " ".join(str(values[0]).split())
+        value = values[0]
+        if "=?" in value:
+            try:
+                value = _decode_words(value)
+            except _UNDECODABLE:
+                self.defects.append(f"{name}: undecodable encoded word")
+        return " ".join(value.replace("\x00", "").split())
 
     def addresses(self, name: str) -> tuple[str, ...]:
+        values = self._values(name)
+        # Some writers encode whole addresses as RFC 2047 words: read those
+        # decoded too (an encoded word itself never looks like an address).
+        for value in list(values):
+            if "=?" in value:
+                try:
+                    values.append(_decode_words(value))
+                except _UNDECODABLE:
+                    self.defects.append(f"{name}: undecodable encoded word")
         found: list[str] = []
-        for value in self._values(name):
-            try:
-                found.extend(addresses_in_header(value))
-            except Exception as exc:
-                self.defects.append(f"{name}: {type(exc).__name__}")
-                found.extend(addresses_in_text(str(value)))
+        for _, address in getaddresses(values):
+            normalized = try_normalize(address) if address else None
+            if normalized:
+                found.append(normalized)
         return tuple(dict.fromkeys(found))
 
     def message_ids(self, name: str) -> tuple[str, ...]:
         ids: list[str] = []
         for value in self._values(name):
-            ids.extend(_MSG_ID.findall(str(value)))
+            ids.extend(_MSG_ID.findall(value))
         return tuple(dict.fromkeys(ids))
 
     def date(self) -> datetime | None:
@@ -195,7 +251,16 @@ class _HeaderReader:
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _read_forward(msg: EmailMessage, subject: str, defects: list[str]) -> Forward:
+def _might_forward(subject: str, raw: bytes) -> bool:
+    """Cheap signs that reading the body for a forward is worth it."""
+    if _FORWARD_SUBJECT.match(subject):
+        return True
+    lowered = raw.lower()
+    return any(hint in lowered for hint in _FORWARD_HINTS)
+
+
+def _read_forward(msg: Message, subject: str) -> Forward:
+    defects: list[str] = []
     addresses: list[str] = []
     message_ids: list[str] = []
     attached = False
@@ -207,7 +272,7 @@ def _read_forward(msg: EmailMessage, subject: str, defects: list[str]) -> Forwar
         message_ids.extend(reader.message_ids("Message-ID"))
 
     inline = False
-    text = _first_text(msg, defects)
+    text = _first_text(msg)
     if text:
         forward_marks = list(_FORWARD_MARKERS.finditer(text))
         inline = bool(forward_marks)
@@ -228,26 +293,48 @@ def _read_forward(msg: EmailMessage, subject: str, defects: list[str]) -> Forwar
     )
 
 
-def _attached_messages(msg: EmailMessage) -> Iterator[Message]:
-    for part in msg.walk():
-        if part.get_content_type() == "message/rfc822" and part is not msg:
+def _leaf_parts(msg: Message) -> Iterator[Message]:
+    """The parts of a message in order, not descending into attached messages.
+
+    Iterative, so that hostile nesting cannot exhaust the stack.
+    """
+    stack = [msg]
+    while stack:
+        part = stack.pop()
+        payload = part.get_payload()
+        if part.get_content_maintype() == "multipart" and isinstance(payload, list):
+            stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
+        else:
+            yield part
+
+
+def _attached_messages(msg: Message) -> Iterator[Message]:
+    for part in _leaf_parts(msg):
+        if part.get_content_type() == "message/rfc822":
             payload = part.get_payload()
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 yield payload[0]
 
 
-def _first_text(msg: EmailMessage, defects: list[str]) -> str:
+def _first_text(msg: Message) -> str:
+    """The message's own text (plain preferred, else HTML stripped of tags)."""
+    texts = [p for p in _leaf_parts(msg)
+             if p.get_content_maintype() == "text"
+             and p.get_content_subtype() in ("plain", "html")
+             and not str(p.get("Content-Disposition", "")).lower().startswith("attachment")]
+    texts.sort(key=lambda p: p.get_content_subtype() != "plain")
+    if not texts:
+        return ""
+    part = texts[0]
+    data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        return ""
+    charset = part.get_content_charset() or "utf-8"
     try:
-        part = msg.get_body(preferencelist=("plain", "html"))
-        if part is None:
-            return ""
-        content = part.get_content()
-    except Exception as exc:  # unknown charsets, broken transfer encodings
-        defects.append(f"body: {type(exc).__name__}")
-        return ""
-    if not isinstance(content, str):
-        return ""
-    text = content[:_TEXT_SCAN_LIMIT].replace("\r\n", "\n")
+        text = data[:_TEXT_SCAN_LIMIT].decode(charset, "replace")
+    except LookupError:
+        text = data[:_TEXT_SCAN_LIMIT].decode("utf-8", "replace")
+    text = text.replace("\r\n", "\n")
     if part.get_content_subtype() == "html":
         text = re.sub(r"<br\s*/?>|</(?:p|div)>", "\n", text, flags=re.IGNORECASE)
         text = html.unescape(re.sub(r"<[^>]+>", "", text))

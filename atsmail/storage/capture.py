@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sqlalchemy import bindparam, delete, exists, insert, select, update
+from sqlalchemy.engine import Connection
+
 from atsmail.rules import Decision, MessageFacts
 from atsmail.storage.db import Database
-from atsmail.storage.models import CapturedMessage, utcnow
-from atsmail.storage.repositories import ThreadRepository
+from atsmail.storage.models import CapturedMessage, MessageCandidate, Thread, utcnow
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Operation = Callable[[ThreadRepository], Awaitable[Any]]
+Operation = Callable[[Connection], Any]
 
 MAX_GROUP = 128
 
@@ -67,16 +69,16 @@ class CaptureWriter:
             self._task = None
 
     async def prepare(self, capture: Capture) -> Prepared:
-        return await self._submit(lambda repo: _prepare(repo, capture))
+        return await self._submit(lambda conn: prepare(conn, capture))
 
     async def confirm(self, prepared: Prepared) -> None:
-        await self._submit(lambda repo: repo.set_state(prepared.pk, "confirmed"))
+        await self._submit(lambda conn: confirm(conn, prepared.pk))
 
     async def discard(self, prepared: Prepared) -> None:
         if prepared.created:
-            await self._submit(lambda repo: repo.delete_message(prepared.pk))
+            await self._submit(lambda conn: discard(conn, prepared.pk))
 
-    async def _submit(self, operation: Callable[[ThreadRepository], Awaitable[T]]) -> T:
+    async def _submit(self, operation: Callable[[Connection], T]) -> T:
         if self._task is None:
             raise RuntimeError("the capture writer is not running")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -100,10 +102,9 @@ class CaptureWriter:
                 await self._commit(group)
 
     async def _commit(self, group: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+        operations = [op for op, _ in group]
         try:
-            async with self.db.write() as session:
-                repo = ThreadRepository(session)
-                results = [await op(repo) for op, _ in group]
+            results = await self.db.run(lambda conn: [op(conn) for op in operations], write=True)
         except Exception as exc:
             if len(group) == 1:
                 if not group[0][1].done():
@@ -119,32 +120,63 @@ class CaptureWriter:
                 future.set_result(result)
 
 
-async def _prepare(repo: ThreadRepository, capture: Capture) -> Prepared:
+# Built once: SQLAlchemy then reuses their compiled form on every capture.
+_FIND = select(CapturedMessage.id).where(CapturedMessage.capture_key == bindparam("key"))
+_THREAD_EXISTS = select(exists().where(Thread.id == bindparam("tid")))
+_TOUCH = (update(Thread)
+          .where(Thread.id == bindparam("tid"), Thread.last_date < bindparam("when"))
+          .values(last_date=bindparam("when")))
+_NEW_THREAD = insert(Thread).returning(Thread.id)
+_NEW_MESSAGE = insert(CapturedMessage).returning(CapturedMessage.id)
+_LINK = insert(MessageCandidate)
+_CONFIRM = (update(CapturedMessage).where(CapturedMessage.id == bindparam("pk"))
+            .values(state="confirmed"))
+_THREAD_OF = select(CapturedMessage.thread_id).where(CapturedMessage.id == bindparam("pk"))
+_DELETE = delete(CapturedMessage).where(CapturedMessage.id == bindparam("pk"))
+_THREAD_USED = select(exists().where(CapturedMessage.thread_id == bindparam("tid")))
+_DELETE_THREAD = delete(Thread).where(Thread.id == bindparam("tid"))
+
+
+def prepare(conn: Connection, capture: Capture) -> Prepared:
+    """Store a pending copy, or find the copy a retry (or another source) stored."""
     facts, decision = capture.facts, capture.decision
-    existing = await repo.by_capture_key(facts.capture_key)
+    existing = conn.scalar(_FIND, {"key": facts.capture_key})
     if existing is not None:
-        return Prepared(existing.id, created=False)
+        return Prepared(existing, created=False)
     when = facts.date or utcnow()
     thread_id = decision.thread_id
-    if thread_id is not None and await repo.exists(thread_id):
-        await repo.touch(thread_id, when)
+    if thread_id is not None and conn.scalar(_THREAD_EXISTS, {"tid": thread_id}):
+        conn.execute(_TOUCH, {"tid": thread_id, "when": when})
     else:
-        thread_id = await repo.new_thread(facts.subject, when)
-    pk = await repo.add_message(CapturedMessage(
-        thread_id=thread_id,
-        capture_key=facts.capture_key,
-        message_id=facts.message_id,
-        state="pending",
-        direction=decision.direction,
-        source=capture.source,
-        from_addr=facts.from_[0] if facts.from_ else (facts.envelope_sender or ""),
-        to_addrs=list(facts.to),
-        cc_addrs=list(facts.cc),
-        subject=facts.subject,
+        thread_id = conn.execute(
+            _NEW_THREAD, {"subject": facts.subject, "last_date": when}).scalar_one()
+    pk: int = conn.execute(_NEW_MESSAGE, {
+        "thread_id": thread_id,
+        "capture_key": facts.capture_key,
+        "message_id": facts.message_id,
+        "state": "pending",
+        "direction": decision.direction,
+        "source": capture.source,
+        "from_addr": facts.from_[0] if facts.from_ else (facts.envelope_sender or ""),
+        "to_addrs": list(facts.to),
+        "cc_addrs": list(facts.cc),
+        "subject": facts.subject,
         # Without a Date header, the time it passed through us.
-        date=when,
-        size=facts.size,
-        raw=capture.raw,
-        trace=[t.to_json() for t in decision.trace],
-    ), decision.candidates)
+        "date": when,
+        "size": facts.size,
+        "raw": capture.raw,
+        "trace": [t.to_json() for t in decision.trace],
+    }).scalar_one()
+    conn.execute(_LINK, [{"message_pk": pk, "candidate_id": c} for c in decision.candidates])
     return Prepared(pk, created=True)
+
+
+def confirm(conn: Connection, pk: int) -> None:
+    conn.execute(_CONFIRM, {"pk": pk})
+
+
+def discard(conn: Connection, pk: int) -> None:
+    thread_id = conn.scalar(_THREAD_OF, {"pk": pk})
+    conn.execute(_DELETE, {"pk": pk})
+    if thread_id is not None and not conn.scalar(_THREAD_USED, {"tid": thread_id}):
+        conn.execute(_DELETE_THREAD, {"tid": thread_id})

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -31,6 +32,8 @@ CHECKPOINT_ATTEMPTS = 10
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
@@ -38,8 +41,19 @@ def _is_sqlite(url: str) -> bool:
 
 def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    _tune_sqlite(engine.sync_engine, begin)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def _sqlite_sync_engine(url: str, begin: str | None) -> Engine:
+    engine = create_engine(url.replace("+aiosqlite", "", 1),
+                           connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    _tune_sqlite(engine, begin)
+    return engine
+
+
+def _tune_sqlite(engine: Engine, begin: str | None) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
         dbapi_connection.isolation_level = None
@@ -49,11 +63,12 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    if begin is None:
+        return  # autocommit: each statement is its own transaction
+
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql(begin)
-
-    return engine
 
 
 class Database:
@@ -61,18 +76,47 @@ class Database:
 
     On PostgreSQL both are the same engine; on SQLite the reader starts
     deferred transactions so reads never queue behind the write lock.
+
+    `run` serves the relay's hot path: it runs a plain synchronous function
+    over one connection in one transaction. On SQLite that function runs in
+    a thread of its own (one hop for the whole function, where aiosqlite
+    would hop per statement); on PostgreSQL it runs on the async engine.
     """
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._threads: dict[bool, ThreadPoolExecutor] = {}
+        self._sync_engines: dict[bool, Engine] = {}
         if self.is_sqlite:
             self.writer = _sqlite_engine(url, "BEGIN IMMEDIATE")
             self.reader = _sqlite_engine(url, "BEGIN")
+            # The hot path's reads are single statements or tolerate a commit
+            # between their statements, so they skip BEGIN/COMMIT entirely.
+            for write, begin in ((True, "BEGIN IMMEDIATE"), (False, None)):
+                self._sync_engines[write] = _sqlite_sync_engine(url, begin)
+                # One thread per engine: SQLite connections stay in the thread
+                # that made them, and the writer serialises writes anyway.
+                self._threads[write] = ThreadPoolExecutor(
+                    1, thread_name_prefix="atsmail-store-" + ("writer" if write else "reader"))
         else:
             self.writer = self.reader = create_async_engine(
                 url, pool_size=10, max_overflow=20, pool_pre_ping=True)
         self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
+
+    async def run(self, work: Callable[[Connection], T], write: bool) -> T:
+        """`work(connection)` in one transaction, committed when it returns."""
+        if not self._sync_engines:
+            async with self.writer.begin() as conn:
+                return await conn.run_sync(work)
+        engine = self._sync_engines[write]
+
+        def in_transaction() -> T:
+            with engine.begin() as conn:
+                return work(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads[write], in_transaction)
 
     @property
     def is_sqlite(self) -> bool:
@@ -121,3 +165,9 @@ class Database:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+        for write, engine in self._sync_engines.items():
+            # Connections are closed in the thread that made them.
+            await asyncio.get_running_loop().run_in_executor(self._threads[write], engine.dispose)
+            self._threads[write].shutdown(wait=True)
+        self._sync_engines.clear()
+        self._threads.clear()

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, delete, exists, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
-from atsmail.rules import CandidateInfo, KnownMessage
+from atsmail.storage.lookup import candidate_infos
 from atsmail.storage.models import (
     Candidate,
     CandidateEmail,
@@ -144,43 +144,14 @@ class CandidateRepository:
         await self.session.execute(delete(CandidateEmail).where(
             CandidateEmail.candidate_id == candidate_id, CandidateEmail.email == email))
 
-    async def ids_for_addresses(self, addresses: Collection[str]) -> set[str]:
-        if not addresses:
-            return set()
-        return set(await self.session.scalars(
-            select(CandidateEmail.candidate_id).where(CandidateEmail.email.in_(addresses))))
-
-    async def infos(self, ids: Collection[str]) -> dict[str, CandidateInfo]:
-        """What the rules need to know about these candidates."""
-        if not ids:
-            return {}
-        rows = await self.session.execute(
-            select(Candidate.id, Candidate.name).where(Candidate.id.in_(ids)))
-        names = {cid: name for cid, name in rows}
-        emails: dict[str, set[str]] = defaultdict(set)
-        for cid, email in (await self.session.execute(
-                select(CandidateEmail.candidate_id, CandidateEmail.email)
-                .where(CandidateEmail.candidate_id.in_(ids)))):
-            emails[cid].add(email)
-        jobs: dict[str, list[tuple[str, bool]]] = defaultdict(list)
-        for cid, job_id, archived in (await self.session.execute(
-                select(CandidateJob.candidate_id, Job.id, Job.archived)
-                .join(Job, Job.id == CandidateJob.job_id)
-                .where(CandidateJob.candidate_id.in_(ids))
-                .order_by(Job.id))):
-            jobs[cid].append((job_id, archived))
-        return {
-            cid: CandidateInfo(cid, name, frozenset(emails[cid]), tuple(jobs[cid]))
-            for cid, name in names.items()
-        }
-
     async def views(self, ids: Collection[str] | None = None) -> list[CandidateView]:
         query = select(Candidate).order_by(Candidate.id)
         if ids is not None:
             query = query.where(Candidate.id.in_(ids))
         candidates = list(await self.session.scalars(query))
         wanted = [c.id for c in candidates]
-        infos = await self.infos(wanted)
+        infos = await self.session.run_sync(
+            lambda session: candidate_infos(session.connection(), (), wanted))
         notices: dict[str, list[tuple[str, datetime]]] = defaultdict(list)
         for cid, text, at in (await self.session.execute(
                 select(Notice.candidate_id, Notice.text, Notice.at)
@@ -214,56 +185,6 @@ class ThreadRepository:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
-
-    async def known_messages(self, message_ids: Collection[str]) -> dict[str, KnownMessage]:
-        if not message_ids:
-            return {}
-        rows = (await self.session.execute(
-            select(CapturedMessage.message_id, CapturedMessage.thread_id,
-                   MessageCandidate.candidate_id)
-            .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
-            .where(CapturedMessage.message_id.in_(message_ids))))
-        threads: dict[str, int] = {}
-        candidates: dict[str, set[str]] = defaultdict(set)
-        for message_id, thread_id, candidate_id in rows:
-            assert message_id is not None
-            threads.setdefault(message_id, thread_id)
-            candidates[message_id].add(candidate_id)
-        return {m: KnownMessage(m, threads[m], frozenset(candidates[m])) for m in threads}
-
-    async def by_capture_key(self, key: str) -> CapturedMessage | None:
-        return await self.session.scalar(
-            select(CapturedMessage).where(CapturedMessage.capture_key == key))
-
-    async def new_thread(self, subject: str, when: datetime) -> int:
-        thread = Thread(subject=subject, last_date=when)
-        self.session.add(thread)
-        await self.session.flush()
-        return thread.id
-
-    async def exists(self, thread_id: int) -> bool:
-        return bool(await self.session.scalar(select(exists().where(Thread.id == thread_id))))
-
-    async def add_message(self, message: CapturedMessage, candidates: Iterable[str]) -> int:
-        self.session.add(message)
-        await self.session.flush()
-        self.session.add_all(
-            MessageCandidate(message_pk=message.id, candidate_id=c) for c in candidates)
-        await self.session.flush()
-        return message.id
-
-    async def touch(self, thread_id: int, when: datetime) -> None:
-        await self.session.execute(
-            update(Thread).where(Thread.id == thread_id, Thread.last_date < when)
-            .values(last_date=when))
-
-    async def set_state(self, message_pk: int, state: str) -> None:
-        await self.session.execute(
-            update(CapturedMessage).where(CapturedMessage.id == message_pk).values(state=state))
-
-    async def delete_message(self, message_pk: int) -> None:
-        await self.session.execute(delete(CapturedMessage).where(CapturedMessage.id == message_pk))
-        await self.delete_empty_threads()
 
     async def delete_empty_threads(self) -> None:
         await self.session.execute(delete(Thread).where(
@@ -323,7 +244,3 @@ class ThreadRepository:
             select(CapturedMessage).options(defer(CapturedMessage.raw))
             .where(CapturedMessage.thread_id == thread_id, CapturedMessage.state == "confirmed")
             .order_by(CapturedMessage.date, CapturedMessage.id)))
-
-    async def stale_pending(self, before: datetime) -> list[int]:
-        return list(await self.session.scalars(select(CapturedMessage.id).where(
-            CapturedMessage.state == "pending", CapturedMessage.created_at < before)))

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement
 
 from atsmail.rules import Context, MessageFacts
 from atsmail.rules.addresses import AddressError, in_domains, normalize_address, normalize_domain
+from atsmail.storage import lookup
 from atsmail.storage.db import Database
 from atsmail.storage.migrate import is_current, migrate
 from atsmail.storage.models import ROLES, CandidateEmail, InternalDomain, Job, TeamMember
@@ -237,20 +238,9 @@ class Store:
     # --- what the rules need, and what was captured ------------------------
 
     async def context_for(self, facts: MessageFacts, capture_forwards: bool) -> Context:
-        addresses = {*facts.participants, *facts.forward.original_addresses}
-        async with self.db.read() as session:
-            candidates = CandidateRepository(session)
-            known = await ThreadRepository(session).known_messages(facts.thread_ids)
-            ids = await candidates.ids_for_addresses(addresses)
-            for message in known.values():
-                ids |= message.candidates
-            return Context(
-                internal_domains=await DomainRepository(session).names(),
-                team=await TeamRepository(session).addresses(),
-                candidates=await candidates.infos(ids),
-                known_messages=known,
-                capture_forwards=capture_forwards,
-            )
+        """The rules' context for one message, read fresh from the store."""
+        return await self.db.run(
+            lambda conn: lookup.context_for(conn, facts, None, capture_forwards), write=False)
 
     async def threads(self, candidate_id: str | None = None) -> list[ThreadSummary]:
         async with self.db.read() as session:

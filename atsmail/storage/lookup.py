@@ -1,0 +1,113 @@
+"""What the rules need from the store, read in as few statements as possible.
+
+These are plain synchronous functions over one SQLAlchemy Core connection,
+run through `Database.run` in a single hop; they are the read side of the
+relay's hot path.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, or_, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import aliased
+
+from atsmail.rules import CandidateInfo, Context, KnownMessage, MessageFacts
+from atsmail.storage.models import (
+    Candidate,
+    CandidateEmail,
+    CandidateJob,
+    CapturedMessage,
+    InternalDomain,
+    Job,
+    MessageCandidate,
+    TeamMember,
+)
+
+
+@dataclass(frozen=True)
+class Directory:
+    """Who is internal: the team's addresses and the internal domains."""
+
+    team: frozenset[str] = frozenset()
+    domains: frozenset[str] = frozenset()
+
+
+# Built once: SQLAlchemy then reuses their compiled form on every message.
+_TEAM = select(TeamMember.email)
+_DOMAINS = select(InternalDomain.domain)
+_KNOWN = (
+    select(CapturedMessage.message_id, CapturedMessage.thread_id, MessageCandidate.candidate_id)
+    .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
+    .where(CapturedMessage.message_id.in_(bindparam("ids", expanding=True)))
+)
+_EMAILS = aliased(CandidateEmail)
+_CANDIDATES = (
+    select(Candidate.id, Candidate.name, _EMAILS.email, Job.id, Job.archived)
+    .join(_EMAILS, _EMAILS.candidate_id == Candidate.id)
+    .outerjoin(CandidateJob, CandidateJob.candidate_id == Candidate.id)
+    .outerjoin(Job, Job.id == CandidateJob.job_id)
+    .where(or_(
+        Candidate.id.in_(select(CandidateEmail.candidate_id)
+                         .where(CandidateEmail.email.in_(bindparam("addresses", expanding=True)))),
+        Candidate.id.in_(bindparam("ids", expanding=True)),
+    ))
+)
+
+
+def load_directory(conn: Connection) -> Directory:
+    return Directory(team=frozenset(conn.scalars(_TEAM)),
+                     domains=frozenset(conn.scalars(_DOMAINS)))
+
+
+def known_messages(conn: Connection, message_ids: Collection[str]) -> dict[str, KnownMessage]:
+    """Captured messages among `message_ids`, with their thread and candidates."""
+    if not message_ids:
+        return {}
+    threads: dict[str, int] = {}
+    candidates: dict[str, set[str]] = defaultdict(set)
+    for message_id, thread_id, candidate_id in conn.execute(_KNOWN, {"ids": list(message_ids)}):
+        assert message_id is not None
+        threads.setdefault(message_id, thread_id)
+        candidates[message_id].add(candidate_id)
+    return {m: KnownMessage(m, threads[m], frozenset(candidates[m])) for m in threads}
+
+
+def candidate_infos(conn: Connection, addresses: Collection[str],
+                    ids: Collection[str] = ()) -> dict[str, CandidateInfo]:
+    """The candidates with any of `addresses` or `ids`: names, all emails, jobs."""
+    if not addresses and not ids:
+        return {}
+    names: dict[str, str] = {}
+    found_emails: dict[str, set[str]] = defaultdict(set)
+    jobs: dict[str, dict[str, bool]] = defaultdict(dict)
+    rows = conn.execute(_CANDIDATES, {"addresses": list(addresses), "ids": list(ids)})
+    for cid, name, email, job_id, archived in rows:
+        names[cid] = name
+        found_emails[cid].add(email)
+        if job_id is not None:
+            jobs[cid][job_id] = bool(archived)
+    return {
+        cid: CandidateInfo(cid, name, frozenset(found_emails[cid]),
+                           tuple(sorted(jobs[cid].items())))
+        for cid, name in names.items()
+    }
+
+
+def context_for(conn: Connection, facts: MessageFacts, directory: Directory | None,
+                capture_forwards: bool) -> Context:
+    """The rules' context for one message; `directory` None reads it fresh."""
+    directory = directory or load_directory(conn)
+    known = known_messages(conn, facts.thread_ids)
+    linked = {c for message in known.values() for c in message.candidates}
+    return Context(
+        internal_domains=directory.domains,
+        team=directory.team,
+        candidates=candidate_infos(
+            conn, {*facts.participants, *facts.forward.original_addresses}, linked),
+        known_messages=known,
+        capture_forwards=capture_forwards,
+    )
