@@ -95,7 +95,6 @@ class MessageFacts:
     list_id: str | None
     list_unsubscribe: bool
     precedence: str | None
-    content_hash: str
     size: int
     raw: bytes = field(repr=False)
     defects: tuple[str, ...] = field(default=())
@@ -123,6 +122,10 @@ class MessageFacts:
         """Message-IDs this message points at: replies and forwarded originals."""
         return tuple(dict.fromkeys(
             (*self.in_reply_to, *self.references, *self.forward.original_message_ids)))
+
+    @cached_property
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
 
     @property
     def capture_key(self) -> str:
@@ -159,7 +162,6 @@ def read_message(
         list_id=reader.text("List-Id") or None,
         list_unsubscribe=bool(reader.text("List-Unsubscribe")),
         precedence=reader.text("Precedence").lower() or None,
-        content_hash=hashlib.sha256(raw).hexdigest(),
         size=len(raw),
         raw=raw,
         defects=tuple(dict.fromkeys(defects)),

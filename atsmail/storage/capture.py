@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, Literal
 
 from sqlalchemy import bindparam, delete, exists, insert, select, update
 from sqlalchemy.engine import Connection
@@ -25,9 +25,6 @@ from atsmail.storage.db import Database
 from atsmail.storage.models import CapturedMessage, MessageCandidate, Thread, utcnow
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-Operation = Callable[[Connection], Any]
 
 MAX_GROUP = 128
 
@@ -50,10 +47,17 @@ class Prepared:
     created: bool
 
 
+@dataclass(frozen=True)
+class _Operation:
+    kind: Literal["prepare", "confirm", "discard"]
+    capture: Capture | None = None
+    pk: int = 0
+
+
 class CaptureWriter:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._queue: asyncio.Queue[tuple[Operation, asyncio.Future[Any]] | None] = (
+        self._queue: asyncio.Queue[tuple[_Operation, asyncio.Future[Any]] | None] = (
             asyncio.Queue())
         self._task: asyncio.Task[None] | None = None
 
@@ -69,19 +73,20 @@ class CaptureWriter:
             self._task = None
 
     async def prepare(self, capture: Capture) -> Prepared:
-        return await self._submit(lambda conn: prepare(conn, capture))
+        prepared: Prepared = await self._submit(_Operation("prepare", capture=capture))
+        return prepared
 
     async def confirm(self, prepared: Prepared) -> None:
-        await self._submit(lambda conn: confirm(conn, prepared.pk))
+        await self._submit(_Operation("confirm", pk=prepared.pk))
 
     async def discard(self, prepared: Prepared) -> None:
         if prepared.created:
-            await self._submit(lambda conn: discard(conn, prepared.pk))
+            await self._submit(_Operation("discard", pk=prepared.pk))
 
-    async def _submit(self, operation: Callable[[Connection], T]) -> T:
+    async def _submit(self, operation: _Operation) -> Any:
         if self._task is None:
             raise RuntimeError("the capture writer is not running")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put((operation, future))
         return await future
 
@@ -89,7 +94,7 @@ class CaptureWriter:
         stopping = False
         while not stopping:
             item = await self._queue.get()
-            group: list[tuple[Operation, asyncio.Future[Any]]] = []
+            group: list[tuple[_Operation, asyncio.Future[Any]]] = []
             while True:
                 if item is None:
                     stopping = True
@@ -101,10 +106,10 @@ class CaptureWriter:
             if group:
                 await self._commit(group)
 
-    async def _commit(self, group: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, group: list[tuple[_Operation, asyncio.Future[Any]]]) -> None:
         operations = [op for op, _ in group]
         try:
-            results = await self.db.run(lambda conn: [op(conn) for op in operations], write=True)
+            results = await self.db.run(lambda conn: apply(conn, operations), write=True)
         except Exception as exc:
             if len(group) == 1:
                 if not group[0][1].done():
@@ -120,16 +125,18 @@ class CaptureWriter:
                 future.set_result(result)
 
 
-# Built once: SQLAlchemy then reuses their compiled form on every capture.
-_FIND = select(CapturedMessage.id).where(CapturedMessage.capture_key == bindparam("key"))
-_THREAD_EXISTS = select(exists().where(Thread.id == bindparam("tid")))
+# Built once: SQLAlchemy then reuses their compiled form on every group.
+_FIND = (select(CapturedMessage.capture_key, CapturedMessage.id)
+         .where(CapturedMessage.capture_key.in_(bindparam("keys", expanding=True))))
+_LIVE_THREADS = select(Thread.id).where(Thread.id.in_(bindparam("ids", expanding=True)))
 _TOUCH = (update(Thread)
           .where(Thread.id == bindparam("tid"), Thread.last_date < bindparam("when"))
           .values(last_date=bindparam("when")))
-_NEW_THREAD = insert(Thread).returning(Thread.id)
-_NEW_MESSAGE = insert(CapturedMessage).returning(CapturedMessage.id)
+_NEW_THREADS = insert(Thread).returning(Thread.id, sort_by_parameter_order=True)
+_NEW_MESSAGES = insert(CapturedMessage).returning(CapturedMessage.id, sort_by_parameter_order=True)
 _LINK = insert(MessageCandidate)
-_CONFIRM = (update(CapturedMessage).where(CapturedMessage.id == bindparam("pk"))
+_CONFIRM = (update(CapturedMessage)
+            .where(CapturedMessage.id.in_(bindparam("pks", expanding=True)))
             .values(state="confirmed"))
 _THREAD_OF = select(CapturedMessage.thread_id).where(CapturedMessage.id == bindparam("pk"))
 _DELETE = delete(CapturedMessage).where(CapturedMessage.id == bindparam("pk"))
@@ -137,20 +144,68 @@ _THREAD_USED = select(exists().where(CapturedMessage.thread_id == bindparam("tid
 _DELETE_THREAD = delete(Thread).where(Thread.id == bindparam("tid"))
 
 
-def prepare(conn: Connection, capture: Capture) -> Prepared:
-    """Store a pending copy, or find the copy a retry (or another source) stored."""
+def apply(conn: Connection, operations: list[_Operation]) -> list[Prepared | None]:
+    """Carry out a group of operations with a handful of statements for all of them.
+
+    Discards go first, so that a retry arriving while an earlier attempt is
+    being withdrawn is stored afresh rather than matched to the doomed copy.
+    """
+    results: list[Prepared | None] = [None] * len(operations)
+    for op in operations:
+        if op.kind == "discard":
+            _discard(conn, op.pk)
+    prepares = [(i, op.capture) for i, op in enumerate(operations)
+                if op.kind == "prepare" and op.capture is not None]
+    if prepares:
+        _prepare(conn, prepares, results)
+    confirms = [op.pk for op in operations if op.kind == "confirm"]
+    if confirms:
+        conn.execute(_CONFIRM, {"pks": confirms})
+    return results
+
+
+def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
+             results: list[Prepared | None]) -> None:
+    """Store pending copies, or find those a retry (or another source) stored."""
+    keys = {c.facts.capture_key for _, c in prepares}
+    stored: dict[str, int] = {key: pk for key, pk in conn.execute(_FIND, {"keys": list(keys)})}
+    first_of: dict[str, int] = {}
+    new: list[tuple[int, Capture]] = []
+    for i, capture in prepares:
+        key = capture.facts.capture_key
+        if key not in stored and key not in first_of:
+            first_of[key] = i
+            new.append((i, capture))
+    if new:
+        wanted = {c.decision.thread_id for _, c in new if c.decision.thread_id is not None}
+        live = set(conn.scalars(_LIVE_THREADS, {"ids": list(wanted)})) if wanted else set()
+        when = {i: c.facts.date or utcnow() for i, c in new}
+        touches = [{"tid": c.decision.thread_id, "when": when[i]}
+                   for i, c in new if c.decision.thread_id in live]
+        if touches:
+            conn.execute(_TOUCH, touches)
+        opening = [(i, c) for i, c in new if c.decision.thread_id not in live]
+        thread_of = {i: c.decision.thread_id for i, c in new if c.decision.thread_id in live}
+        if opening:
+            ids = conn.execute(_NEW_THREADS, [
+                {"subject": c.facts.subject, "last_date": when[i]} for i, c in opening]).scalars()
+            thread_of.update(zip((i for i, _ in opening), ids, strict=True))
+        pks = conn.execute(_NEW_MESSAGES, [
+            _message_row(c, thread_of[i], when[i]) for i, c in new]).scalars().all()
+        conn.execute(_LINK, [{"message_pk": pk, "candidate_id": candidate}
+                             for (_, c), pk in zip(new, pks, strict=True)
+                             for candidate in c.decision.candidates])
+        for (i, c), pk in zip(new, pks, strict=True):
+            stored[c.facts.capture_key] = pk
+            results[i] = Prepared(pk, created=True)
+    for i, capture in prepares:
+        if results[i] is None:
+            results[i] = Prepared(stored[capture.facts.capture_key], created=False)
+
+
+def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, Any]:
     facts, decision = capture.facts, capture.decision
-    existing = conn.scalar(_FIND, {"key": facts.capture_key})
-    if existing is not None:
-        return Prepared(existing, created=False)
-    when = facts.date or utcnow()
-    thread_id = decision.thread_id
-    if thread_id is not None and conn.scalar(_THREAD_EXISTS, {"tid": thread_id}):
-        conn.execute(_TOUCH, {"tid": thread_id, "when": when})
-    else:
-        thread_id = conn.execute(
-            _NEW_THREAD, {"subject": facts.subject, "last_date": when}).scalar_one()
-    pk: int = conn.execute(_NEW_MESSAGE, {
+    return {
         "thread_id": thread_id,
         "capture_key": facts.capture_key,
         "message_id": facts.message_id,
@@ -166,16 +221,10 @@ def prepare(conn: Connection, capture: Capture) -> Prepared:
         "size": facts.size,
         "raw": capture.raw,
         "trace": [t.to_json() for t in decision.trace],
-    }).scalar_one()
-    conn.execute(_LINK, [{"message_pk": pk, "candidate_id": c} for c in decision.candidates])
-    return Prepared(pk, created=True)
+    }
 
 
-def confirm(conn: Connection, pk: int) -> None:
-    conn.execute(_CONFIRM, {"pk": pk})
-
-
-def discard(conn: Connection, pk: int) -> None:
+def _discard(conn: Connection, pk: int) -> None:
     thread_id = conn.scalar(_THREAD_OF, {"pk": pk})
     conn.execute(_DELETE, {"pk": pk})
     if thread_id is not None and not conn.scalar(_THREAD_USED, {"tid": thread_id}):
