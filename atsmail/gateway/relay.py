@@ -46,6 +46,13 @@ TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
 
 
+def _read_fully(raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
+    """Headers and, when the rules may want it, the body: for a worker thread."""
+    facts = read_message(raw, sender, recipients)
+    facts.forward  # noqa: B018 - computed here, off the event loop, and cached
+    return facts
+
+
 class RelaySession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -292,7 +299,7 @@ class Relay:
 
     async def _read(self, raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
         if len(raw) > PARSE_IN_THREAD_ABOVE:
-            return await asyncio.to_thread(read_message, raw, sender, recipients)
+            return await asyncio.to_thread(_read_fully, raw, sender, recipients)
         return read_message(raw, sender, recipients)
 
     async def _settle(self, prepared: Prepared, reply: Reply, facts: MessageFacts) -> None:

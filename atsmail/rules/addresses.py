@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from email.headerregistry import Address
-from email.utils import getaddresses
 
 _SPACE = re.compile(r"\s")
 _LOOSE_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+\.[^\s<>()\[\]\"',;:]+")
@@ -32,7 +30,9 @@ def normalize_domain(domain: str) -> str:
             raise AddressError(f"empty label in domain {domain!r}")
         if label.startswith("xn--"):
             try:
-                label = label.encode("ascii").decode("idna")
+                # punycode, not the idna codec: that one is IDNA 2003 and
+                # refuses names such as straße.de (xn--strae-oqa.de).
+                label = label[4:].encode("ascii").decode("punycode")
             except UnicodeError:
                 raise AddressError(f"bad IDNA label {label!r} in {domain!r}") from None
         labels.append(label)
@@ -72,22 +72,6 @@ def in_domains(address: str, domains: Collection[str]) -> str | None:
         if domain == d or domain.endswith("." + d):
             return d
     return None
-
-
-def addresses_in_header(value: object) -> list[str]:
-    """Normalised addresses of a parsed header, skipping what is not an address.
-
-    `value` is what `email.message.EmailMessage.get` returns with
-    `policy.default`: an address header object, or a plain string when the
-    header is too broken to parse, in which case a lenient parse is used.
-    """
-    found: list[str] = []
-    addresses: tuple[Address, ...] = getattr(value, "addresses", ())
-    if addresses:
-        found = [a.addr_spec for a in addresses if a.username and a.domain]
-    elif value is not None:
-        found = [addr for _, addr in getaddresses([str(value)]) if addr]
-    return [n for n in (try_normalize(a) for a in found) if n]
 
 
 def addresses_in_text(text: str) -> list[str]:

@@ -29,20 +29,22 @@ from atsmail.rules.addresses import addresses_in_text, try_normalize
 # indexable on every database.
 _MSG_ID_MAX = 900
 _MSG_ID = re.compile(rf"<([^<>\s\x00-\x1f\x7f]{{1,{_MSG_ID_MAX}}})>")
-_FORWARD_SUBJECT = re.compile(
-    r"^\s*(?:\[[^\]]*\]\s*)?(?:(?:re|aw|sv|antw)\s*:\s*)*(?:fwd?|wg|tr|rv)\s*:", re.IGNORECASE
-)
-# Markers that mail clients put above an inline forwarded message. Only
-# forward markers count as a forward; "Original Message" also introduces
-# quoted replies, so it is only read for the original's addresses.
+# Only the outermost prefix counts: "Re: Fwd: ..." is a reply to a forward.
+_FORWARD_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:fwd?|wg|tr|rv)\s*:", re.IGNORECASE)
+# Markers that mail clients put above an inline forwarded message; a quoted
+# one (after ">") belongs to a reply. Only forward markers count as a
+# forward: "Original Message" and Outlook's line of underscores introduce
+# replies too, so they are only read (for the original's addresses) when the
+# subject says forward.
 _FORWARD_MARKERS = re.compile(
-    r"^[ \t>]*(?:-{2,}\s*(?:forwarded message|weitergeleitete nachricht|message transf[ée]r[ée]"
+    r"^[ \t]*(?:-{2,}\s*(?:forwarded message|weitergeleitete nachricht|message transf[ée]r[ée]"
     r"|mensaje reenviado|doorgestuurd bericht|messaggio inoltrato)\s*-{2,}"
     r"|begin forwarded message:|anfang der weitergeleiteten nachricht:)",
     re.IGNORECASE | re.MULTILINE,
 )
 _ORIGINAL_MARKERS = re.compile(
-    r"^[ \t>]*-{2,}\s*(?:original message|urspr[üu]ngliche nachricht)\s*-{2,}",
+    r"^[ \t]*(?:-{2,}\s*(?:original message|urspr[üu]ngliche nachricht|message d'origine)"
+    r"\s*-{2,}|_{10,}[ \t]*$)",
     re.IGNORECASE | re.MULTILINE,
 )
 # Worth parsing the body for: a forward marker, an attached message, or text
@@ -54,7 +56,7 @@ _FORWARD_HINTS = (
     b"anfang der weitergeleiteten", b"message/rfc822", b"base64",
 )
 _BLOCK_ADDRESS_FIELDS = re.compile(
-    r"^[ \t>]*\*?(?:from|von|de|da|van|to|an|[àa]|para|aan|cc|kopie)\s*:\*?\s*(.+)$",
+    r"^[ \t>]*\*?(?:from|von|de|da|van|to|an|[àa]|pour|para|aan|cc|kopie)\s*:\*?\s*(.+)$",
     re.IGNORECASE | re.MULTILINE,
 )
 # How far below a marker the forwarded header block may reach.
@@ -104,7 +106,12 @@ class MessageFacts:
         """Read from the body on first use, and only when a forward is possible."""
         if not _might_forward(self.subject, self.raw):
             return Forward()
-        return _read_forward(BytesParser(policy=compat32).parsebytes(self.raw), self.subject)
+        try:
+            return _read_forward(BytesParser(policy=compat32).parsebytes(self.raw), self.subject)
+        except RecursionError:
+            # The email parser recurses per MIME level; hostile nesting is not
+            # read as a forward rather than failing the message.
+            return Forward(subject_prefix=bool(_FORWARD_SUBJECT.match(self.subject)))
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -169,6 +176,8 @@ def read_message(
 
 
 _UNDECODABLE = (HeaderParseError, LookupError, UnicodeError, ValueError)
+# Decoding RFC 2047 words takes time quadratic in the header's length.
+_DECODE_LIMIT = 64 * 1024
 
 
 def _header_block(raw: bytes) -> bytes:
@@ -204,13 +213,15 @@ class _HeaderReader:
         self.defects = defects
 
     def _values(self, name: str) -> list[str]:
-        return [_unescape(str(v)) for v in self.msg.get_all(name) or []]
+        # raw_items: get_all would turn raw UTF-8 (RFC 6532) into U+FFFD.
+        wanted = name.lower()
+        return [_unescape(v) for k, v in self.msg.raw_items() if k.lower() == wanted]
 
     def text(self, name: str) -> str:
         values = self._values(name)
         if not values:
             return ""
-        value = values[0]
+        value = values[0][:_DECODE_LIMIT]
         if "=?" in value:
             try:
                 value = _decode_words(value)
@@ -219,17 +230,19 @@ class _HeaderReader:
         return " ".join(value.replace("\x00", "").split())
 
     def addresses(self, name: str) -> tuple[str, ...]:
-        values = self._values(name)
-        # Some writers encode whole addresses as RFC 2047 words: read those
-        # decoded too (an encoded word itself never looks like an address).
-        for value in list(values):
-            if "=?" in value:
+        found: list[str] = []
+        for _, address in getaddresses(self._values(name)):
+            if "=?" in address:
+                # Some writers encode the address itself as RFC 2047 words.
+                # Only the address part is decoded: an address written in an
+                # encoded display name is never a participant (anyone could
+                # pose as a candidate or a team member that way).
                 try:
-                    values.append(_decode_words(value))
+                    # The decoder puts spaces between encoded and plain runs.
+                    address = "".join(_decode_words(address[:_DECODE_LIMIT]).split())
                 except _UNDECODABLE:
                     self.defects.append(f"{name}: undecodable encoded word")
-        found: list[str] = []
-        for _, address in getaddresses(values):
+                    continue
             normalized = try_normalize(address) if address else None
             if normalized:
                 found.append(normalized)

@@ -70,6 +70,8 @@ class ThreadLink:
     description = "A reply to a captured message joins that message's thread and candidates."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
+        if msg.forward.is_forward:
+            return Verdict(False, ("a forward: the forward rule decides",))
         if not any(not ctx.is_internal(a) for a in msg.participants):
             return Verdict(False, ("every participant is internal: a conversation about a "
                                    "thread among colleagues is not captured",))

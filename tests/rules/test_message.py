@@ -1,0 +1,570 @@
+"""`read_message`: the facts the rules see, read once from raw bytes.
+
+Real client output lives in `tests/data/*.eml`; the tables below vary one
+thing at a time. Whatever the bytes, `read_message` must return facts (a
+malformed message is still relayed and judged), so the robustness table
+feeds it the junk a public MTA sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from atsmail.rules import Context, MessageFacts, decide, read_message
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def fixture(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def mail(*lines: str, body: str = "Hello.\n",
+         content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = [*lines, "MIME-Version: 1.0", f"Content-Type: {content_type}"]
+    return ("\r\n".join(head) + "\r\n\r\n" + body.replace("\n", "\r\n")).encode("utf-8")
+
+
+# --- the fixtures, field by field ---------------------------------------------------
+
+ADA_ORIGINAL = ("ada@applicant.test", "jobs@example.com")
+NOT_A_FORWARD: dict[str, Any] = {
+    "subject_prefix": False, "attached": False, "inline": False,
+    "original_addresses": (), "original_message_ids": ()}
+
+FIXTURES = [
+    pytest.param("forward_gmail_inline.eml", {
+        "message_id": "CAF1xQ9fwd-gmail-0001@mail.gmail.com",
+        "subject": "Fwd: Application: Backend Engineer",
+        "date": datetime(2026, 11, 27, 10, 15, 2, tzinfo=timezone(timedelta(hours=1))),
+        "from_": ("recruiter@example.com",), "to": ("hm@example.com",), "cc": (),
+        "forward": {"subject_prefix": True, "attached": False, "inline": True,
+                    "original_addresses": ADA_ORIGINAL, "original_message_ids": ()},
+    }, id="gmail-inline-forward"),
+    pytest.param("forward_attached_rfc822.eml", {
+        "message_id": "fwd-attached-0001@example.com",
+        "subject": "Please review this applicant",
+        "from_": ("recruiter@example.com",), "to": ("hm@example.com",),
+        "forward": {"subject_prefix": False, "attached": True, "inline": False,
+                    "original_addresses": ADA_ORIGINAL,
+                    "original_message_ids": ("ada-application-0001@applicant.test",)},
+    }, id="attached-rfc822"),
+    pytest.param("forward_apple.eml", {
+        "message_id": "5B2C1D0E-7F3A-4E2B-9C1D-0A1B2C3D4E5F@example.com",
+        "subject": "Fwd: Application: Backend Engineer",
+        "forward": {"subject_prefix": True, "attached": False, "inline": True,
+                    "original_addresses": ADA_ORIGINAL, "original_message_ids": ()},
+    }, id="apple-begin-forwarded-message"),
+    pytest.param("forward_thunderbird_de.eml", {
+        "subject": "Fwd: Bewerbung als Backend Engineer",
+        "forward": {"subject_prefix": True, "attached": False, "inline": True,
+                    "original_addresses": ADA_ORIGINAL, "original_message_ids": ()},
+    }, id="thunderbird-weitergeleitete-nachricht"),
+    pytest.param("outlook_forward_de.eml", {
+        "message_id": "000001d9a1b2$c3d4e5f0$f1e2d3c4@example.com",
+        "subject": "WG: Bewerbung als Backend Engineer",
+        "date": datetime(2026, 11, 27, 9, 2, 11, tzinfo=timezone(timedelta(hours=1))),
+        "forward": {"subject_prefix": True, "attached": False, "inline": False,
+                    "original_addresses": ADA_ORIGINAL, "original_message_ids": ()},
+    }, id="outlook-de-urspruengliche-nachricht"),
+    pytest.param("outlook_forward_modern_de.eml", {
+        "subject": "WG: Bewerbung als Backend Engineer",
+        # Outlook puts the same line above replies: only the WG: makes it a forward.
+        "forward": {"subject_prefix": True, "attached": False, "inline": False,
+                    "original_addresses": ADA_ORIGINAL, "original_message_ids": ()},
+    }, id="outlook-365-de-underscore-separator"),
+    pytest.param("smtputf8_headers.eml", {
+        "message_id": "smtputf8-0001@bücher.example",
+        "subject": "Bewerbung für die Stelle",
+        "to": ("recruiter@example.com",),
+    }, id="smtputf8-raw-utf8-headers"),
+    pytest.param("rfc2047_idna.eml", {
+        "message_id": "rfc2047-idna-0001@xn--bcher-kva.example",
+        "subject": "Bewerbung für die Stelle \u2013 Backend",
+        "from_": ("juergen.mueller@bücher.example",),
+        "to": ("recruiter@example.com",),
+        "forward": NOT_A_FORWARD,
+    }, id="rfc2047-idna"),
+    pytest.param("mailing_list.eml", {
+        "message_id": "list-post-0001@applicant.test",
+        "subject": "[dev] Proposal: async storage backend",
+        "list_id": "Developer discussion <dev.lists.opensource.test>",
+        "list_unsubscribe": True, "precedence": "list",
+        "sender": ("dev-bounces@lists.opensource.test",),
+        "forward": NOT_A_FORWARD,
+    }, id="mailing-list"),
+    pytest.param("malformed_headers.eml", {
+        "message_id": None, "date": None,
+        "from_": ("ada@applicant.test",), "to": ("recruiter@example.com",),
+        "cc": ("hm@example.com",), "sender": (), "reply_to": (),
+        "in_reply_to": (), "references": ("ok-ref-0001@example.com",),
+        "forward": NOT_A_FORWARD,
+    }, id="malformed-headers"),
+    pytest.param("bad_charset.eml", {
+        "message_id": "bad-charset-0001@applicant.test",
+        "from_": ("ada@applicant.test",), "to": ("recruiter@example.com",),
+        "forward": NOT_A_FORWARD,
+    }, id="bad-charset-broken-base64"),
+    pytest.param("nul_bytes.eml", {
+        "message_id": "nul-bytes-0001@applicant.test",
+        "from_": ("ada@applicant.test",), "to": ("recruiter@example.com",),
+    }, id="nul-bytes"),
+]
+
+
+@pytest.mark.parametrize(("name", "expected"), FIXTURES)
+def test_fixture_facts(name: str, expected: dict[str, Any]) -> None:
+    raw = fixture(name)
+    facts = read_message(raw)
+    for key, value in expected.items():
+        if key == "forward":
+            got = {k: getattr(facts.forward, k) for k in value}
+            assert got == value, name
+        else:
+            assert getattr(facts, key) == value, key
+    assert facts.size == len(raw)
+    assert facts.content_hash == hashlib.sha256(raw).hexdigest()
+
+
+@pytest.mark.parametrize("name", [
+    "forward_gmail_inline.eml", "forward_attached_rfc822.eml", "forward_apple.eml",
+    "forward_thunderbird_de.eml", "outlook_forward_de.eml", "outlook_forward_modern_de.eml",
+    "rfc2047_idna.eml", "smtputf8_headers.eml", "mailing_list.eml", "malformed_headers.eml",
+    "bad_charset.eml", "nul_bytes.eml"])
+def test_line_endings_do_not_change_the_facts(name: str) -> None:
+    lf = fixture(name).replace(b"\r\n", b"\n")
+    crlf = lf.replace(b"\n", b"\r\n")
+    assert _semantic(read_message(lf)) == _semantic(read_message(crlf))
+
+
+def _semantic(facts: MessageFacts) -> tuple[object, ...]:
+    """Everything the rules read, leaving out what depends on the exact bytes."""
+    return (facts.message_id, facts.subject, facts.date, facts.participants, facts.from_,
+            facts.sender, facts.reply_to, facts.to, facts.cc, facts.in_reply_to,
+            facts.references, facts.list_id, facts.list_unsubscribe, facts.precedence,
+            facts.forward)
+
+
+# --- forward signs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("subject", "prefix"), [
+    pytest.param("Fwd: Application", True, id="Fwd"),
+    pytest.param("FWD: Application", True, id="FWD"),
+    pytest.param("Fw: Application", True, id="Fw"),
+    pytest.param("FW: Application", True, id="FW-outlook"),
+    pytest.param("WG: Bewerbung", True, id="WG-german"),
+    pytest.param("TR: Candidature", True, id="TR-french"),
+    pytest.param("RV: Solicitud", True, id="RV-spanish"),
+    pytest.param("fwd : spaced colon", True, id="space-before-colon"),
+    pytest.param("  Fwd:no space after", True, id="leading-space"),
+    pytest.param("[EXT] FW: Application", True, id="tag-before-prefix"),
+    pytest.param("=?utf-8?q?WG=3A_Bewerbung_f=C3=BCr_Backend?=", True, id="rfc2047-subject"),
+    pytest.param("Re: Application", False, id="reply"),
+    pytest.param("AW: Bewerbung", False, id="german-reply"),
+    pytest.param("Forward planning", False, id="word-forward"),
+    pytest.param("Fwdx: Application", False, id="longer-word"),
+    pytest.param("TRAINING: new hires", False, id="tr-word"),
+    pytest.param("RVSP: party", False, id="rv-word"),
+    pytest.param("Application (Fwd: from Ada)", False, id="prefix-not-at-start"),
+    pytest.param("", False, id="empty"),
+])
+def test_forward_subject_prefix(subject: str, prefix: bool) -> None:
+    facts = read_message(mail("From: r@example.com", f"Subject: {subject}"))
+    assert facts.forward.subject_prefix is prefix
+    assert facts.forward.is_forward is prefix
+
+
+def test_no_subject_header_is_not_a_forward() -> None:
+    facts = read_message(mail("From: r@example.com"))
+    assert facts.subject == ""
+    assert not facts.forward.is_forward
+
+
+GMAIL_HTML = (
+    '<div dir="ltr">See below<br><br><div class="gmail_quote"><div class="gmail_attr">'
+    "---------- Forwarded message ---------<br>From: <strong>Ada Applicant</strong> "
+    '&lt;<a href="mailto:ada@applicant.test">ada@applicant.test</a>&gt;<br>'
+    "Date: Thu, 26 Nov 2026 at 18:40<br>Subject: Application<br>"
+    "To: &lt;<a href=\"mailto:jobs@example.com\">jobs@example.com</a>&gt;<br></div><br><br>"
+    "<div>Dear team</div></div></div>\n")
+
+
+@pytest.mark.parametrize(("subject", "body", "content_type", "inline", "addresses"), [
+    pytest.param("x", "See below\n\n---------- Forwarded message ---------\n"
+                 "From: Ada Applicant <ada@applicant.test>\nDate: Thu, 26 Nov 2026 at 18:40\n"
+                 "Subject: Application\nTo: <jobs@example.com>\n\n\nDear team\n",
+                 "text/plain", True, ADA_ORIGINAL, id="gmail"),
+    pytest.param("x", GMAIL_HTML, "text/html", True, ADA_ORIGINAL, id="gmail-html-only"),
+    pytest.param("x", "FYI\n\nBegin forwarded message:\n\nFrom: Ada <ada@applicant.test>\n"
+                 "Subject: Application\nDate: 26 November 2026 at 18:40:00 CET\n"
+                 "To: jobs@example.com\n\nDear team\n",
+                 "text/plain", True, ADA_ORIGINAL, id="apple"),
+    pytest.param("x", "FYI\n\nBegin forwarded message:\n\n> From: Ada <ada@applicant.test>\n"
+                 "> Subject: Application\n> To: jobs@example.com\n\nDear team\n",
+                 "text/plain", True, ADA_ORIGINAL, id="apple-quoted-block"),
+    pytest.param("x", "Zur Info\n\nAnfang der weitergeleiteten Nachricht:\n\n"
+                 "Von: Ada <ada@applicant.test>\nBetreff: Bewerbung\nDatum: 26. November 2026\n"
+                 "An: jobs@example.com\n\nHallo\n",
+                 "text/plain", True, ADA_ORIGINAL, id="apple-german"),
+    pytest.param("x", "FYI\n\n-------- Forwarded Message --------\nSubject: \tApplication\n"
+                 "Date: \tThu, 26 Nov 2026 18:40:00 +0100\nFrom: \tAda <ada@applicant.test>\n"
+                 "To: \tjobs@example.com\n\nDear team\n",
+                 "text/plain", True, ADA_ORIGINAL, id="thunderbird-english"),
+    pytest.param("x", "Zur Info\n\n-------- Weitergeleitete Nachricht --------\n"
+                 "Betreff: \tBewerbung\nVon: \tAda <ada@applicant.test>\nAn: \tjobs@example.com\n"
+                 "\nHallo\n",
+                 "text/plain", True, ADA_ORIGINAL, id="thunderbird-german"),
+    pytest.param("x", "Hola\n\n---------- Mensaje reenviado ---------\n"
+                 "De: Ada <ada@applicant.test>\nFecha: jue, 26 nov 2026\nAsunto: Solicitud\n"
+                 "Para: <jobs@example.com>\n\nHola\n",
+                 "text/plain", True, ADA_ORIGINAL, id="gmail-spanish"),
+    pytest.param("x", "Ciao\n\n-------- Messaggio inoltrato --------\n"
+                 "Da: Ada <ada@applicant.test>\nA: jobs@example.com\n\nCiao\n",
+                 "text/plain", True, ADA_ORIGINAL, id="thunderbird-italian"),
+    pytest.param("x", "Hoi\n\n-------- Doorgestuurd bericht --------\n"
+                 "Van: Ada <ada@applicant.test>\nAan: jobs@example.com\n\nHoi\n",
+                 "text/plain", True, ADA_ORIGINAL, id="thunderbird-dutch"),
+    pytest.param("x", "Bonjour\n\n-------- Message transféré --------\nSujet : Candidature\n"
+                 "De : Ada <ada@applicant.test>\nPour : jobs@example.com\n\nBonjour\n",
+                 "text/plain", True, ADA_ORIGINAL, id="thunderbird-french"),
+    pytest.param("x", "Thanks!\n\n> ---------- Forwarded message ---------\n"
+                 "> From: Ada <ada@applicant.test>\n> To: jobs@example.com\n>\n> Dear team\n",
+                 "text/plain", False, (), id="quoted-marker-belongs-to-a-reply"),
+    pytest.param("FW: Application", "See below\n\n-----Original Message-----\n"
+                 "From: Ada <ada@applicant.test>\nSent: Thursday, November 26, 2026 6:40 PM\n"
+                 "To: jobs@example.com\nSubject: Application\n\nDear team\n",
+                 "text/plain", False, ADA_ORIGINAL, id="original-message-under-fw-subject"),
+    pytest.param("Re: Application", "Sounds good.\n\n-----Original Message-----\n"
+                 "From: Ada <ada@applicant.test>\nTo: jobs@example.com\n\nDear team\n",
+                 "text/plain", False, (), id="original-message-in-a-reply-is-not-read"),
+    pytest.param("Re: Application", "Sounds good.\n\nOn Thu, 26 Nov 2026, Ada "
+                 "<ada@applicant.test> wrote:\n> Dear team\n",
+                 "text/plain", False, (), id="quoted-reply"),
+    pytest.param("x", "FYI\n\n---------- Forwarded message ---------\n"
+                 "From: Vendor <sales@vendor.test>\nTo: jobs@example.com\n\n"
+                 "By the way, Ada (ada@applicant.test) says hi.\nFrom: ada@applicant.test\n",
+                 "text/plain", True, ("sales@vendor.test", "jobs@example.com"),
+                 id="block-ends-at-first-blank-line"),
+    pytest.param("x", "Two forwards\n\n---------- Forwarded message ---------\n"
+                 "From: Ada <ada@applicant.test>\n\nfirst\n\n"
+                 "---------- Forwarded message ---------\nFrom: Grace <grace@candidates.test>\n"
+                 "\nsecond\n",
+                 "text/plain", True, ("ada@applicant.test", "grace@candidates.test"),
+                 id="several-forwarded-blocks"),
+])
+def test_inline_forward(subject: str, body: str, content_type: str, inline: bool,
+                        addresses: tuple[str, ...]) -> None:
+    facts = read_message(mail("From: r@example.com", "To: hm@example.com", f"Subject: {subject}",
+                              body=body, content_type=f"{content_type}; charset=utf-8"))
+    assert facts.forward.inline is inline
+    assert facts.forward.original_addresses == addresses
+    assert not facts.forward.attached
+
+
+def test_plain_part_is_read_before_html() -> None:
+    body = ("--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nJust a note.\r\n"
+            "--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + GMAIL_HTML + "--b--\r\n")
+    facts = read_message(mail("From: r@example.com", body=body,
+                              content_type='multipart/alternative; boundary="b"'))
+    assert not facts.forward.inline
+    assert facts.forward.original_addresses == ()
+
+
+@pytest.mark.parametrize("charset", ["unknown-8bit", "x-klingon-8"])
+def test_forward_in_a_body_with_an_unknown_charset(charset: str) -> None:
+    body = ("Gr\xfc\xdfe\n\n---------- Forwarded message ---------\n"
+            "From: Ada <ada@applicant.test>\nTo: jobs@example.com\n\nDear team\n")
+    raw = mail("From: r@example.com", "Subject: see below", body="",
+               content_type=f"text/plain; charset={charset}")
+    raw += body.replace("\n", "\r\n").encode("latin-1")
+    facts = read_message(raw)
+    assert facts.forward.inline
+    assert facts.forward.original_addresses == ADA_ORIGINAL
+
+
+def _attached(*originals: bytes, subject: str = "Please review") -> bytes:
+    parts = [b"--outer\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n"]
+    parts += [b"--outer\r\nContent-Type: message/rfc822\r\n\r\n" + o + b"\r\n" for o in originals]
+    return mail("From: r@example.com", f"Subject: {subject}", body="",
+                content_type='multipart/mixed; boundary="outer"') + b"".join(parts) + \
+        b"--outer--\r\n"
+
+
+@pytest.mark.parametrize(("originals", "addresses", "ids"), [
+    pytest.param([b"From: Ada <ada@applicant.test>\r\nTo: jobs@example.com\r\n"
+                  b"Cc: Grace <grace@candidates.test>\r\nReply-To: ada.private@mail.test\r\n"
+                  b"Message-ID: <orig-1@applicant.test>\r\n\r\nHi\r\n"],
+                 ("ada@applicant.test", "jobs@example.com", "grace@candidates.test",
+                  "ada.private@mail.test"), ("orig-1@applicant.test",), id="all-address-fields"),
+    pytest.param([b"From: ada@applicant.test\r\nMessage-ID: <orig-1@applicant.test>\r\n\r\nA\r\n",
+                  b"From: grace@candidates.test\r\nMessage-ID: <orig-2@c.test>\r\n\r\nB\r\n"],
+                 ("ada@applicant.test", "grace@candidates.test"),
+                 ("orig-1@applicant.test", "orig-2@c.test"), id="two-attached-messages"),
+    pytest.param([b"From: <<<broken\r\nTo: ,,,\r\nMessage-ID: junk\r\n\r\nA\r\n"],
+                 (), (), id="attached-with-broken-headers"),
+])
+def test_attached_forward(originals: list[bytes], addresses: tuple[str, ...],
+                          ids: tuple[str, ...]) -> None:
+    facts = read_message(_attached(*originals))
+    assert facts.forward.attached
+    assert facts.forward.is_forward
+    assert facts.forward.original_addresses == addresses
+    assert facts.forward.original_message_ids == ids
+
+
+def test_thread_ids_join_replies_and_forwarded_originals_once() -> None:
+    raw = _attached(b"From: ada@applicant.test\r\nMessage-ID: <orig@a.test>\r\n\r\nA\r\n")
+    raw = b"In-Reply-To: <p@a.test>\r\nReferences: <r1@a.test> <p@a.test>\r\n" + raw
+    facts = read_message(raw)
+    assert facts.in_reply_to == ("p@a.test",)
+    assert facts.references == ("r1@a.test", "p@a.test")
+    assert facts.thread_ids == ("p@a.test", "r1@a.test", "orig@a.test")
+
+
+# --- threading headers and the capture key ----------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    pytest.param("<abc@host.test>", "abc@host.test", id="plain"),
+    pytest.param("  <abc@host.test>  (a comment)", "abc@host.test", id="space-and-comment"),
+    pytest.param("<CAF+x/Y=z$1@mail.gmail.com>", "CAF+x/Y=z$1@mail.gmail.com", id="odd-chars"),
+    pytest.param("<abc@xn--bcher-kva.example>", "abc@xn--bcher-kva.example", id="kept-verbatim"),
+    pytest.param("<MixedCase@Host.Test>", "MixedCase@Host.Test", id="case-kept"),
+    pytest.param("abc@host.test", None, id="no-angle-brackets"),
+    pytest.param("<>", None, id="empty-brackets"),
+    pytest.param("<a b@host.test>", None, id="whitespace-inside"),
+    pytest.param("<" + "a" * 893 + "@h.test>", "a" * 893 + "@h.test", id="900-chars-kept"),
+    pytest.param("<" + "a" * 894 + "@h.test>", None, id="901-chars-ignored"),
+    pytest.param("<" + "a" * 5000 + "@h.test>", None, id="5000-chars-ignored"),
+])
+def test_message_id(value: str, expected: str | None) -> None:
+    facts = read_message(mail("From: r@example.com", f"Message-ID: {value}"))
+    assert facts.message_id == expected
+
+
+@pytest.mark.parametrize(("lines", "key"), [
+    pytest.param(["Message-ID: <abc@host.test>"], "mid:abc@host.test", id="message-id"),
+    pytest.param([], "sha256", id="missing"),
+    pytest.param(["Message-ID:"], "sha256", id="empty"),
+    pytest.param(["Message-ID: <" + "x" * 1000 + "@h.test>"], "sha256", id="overlong"),
+    pytest.param(["Message-ID: <first@h.test>", "Message-ID: <second@h.test>"],
+                 "mid:first@h.test", id="duplicate-header-first-wins"),
+])
+def test_capture_key(lines: list[str], key: str) -> None:
+    raw = mail("From: r@example.com", *lines)
+    facts = read_message(raw)
+    expected = f"sha256:{hashlib.sha256(raw).hexdigest()}" if key == "sha256" else key
+    assert facts.capture_key == expected
+
+
+def test_capture_key_without_message_id_tells_copies_apart() -> None:
+    one = read_message(mail("From: r@example.com", body="one\n"))
+    again = read_message(mail("From: r@example.com", body="one\n"))
+    other = read_message(mail("From: r@example.com", body="two\n"))
+    assert one.capture_key == again.capture_key
+    assert one.capture_key != other.capture_key
+
+
+@pytest.mark.parametrize(("lines", "in_reply_to", "references"), [
+    pytest.param(["In-Reply-To: <p@a.test>"], ("p@a.test",), (), id="in-reply-to"),
+    pytest.param(["In-Reply-To: <p@a.test> (Ada's message of Thursday)"], ("p@a.test",), (),
+                 id="in-reply-to-comment"),
+    pytest.param(["In-Reply-To: Ada's message <p@a.test> of Thursday"], ("p@a.test",), (),
+                 id="in-reply-to-obsolete-phrase"),
+    pytest.param(["References: <r1@a.test>\r\n <r2@a.test>\r\n\t<r3@a.test>"], (),
+                 ("r1@a.test", "r2@a.test", "r3@a.test"), id="folded-references"),
+    pytest.param(["References: <r1@a.test> <r2@a.test> <r1@a.test>"], (),
+                 ("r1@a.test", "r2@a.test"), id="duplicates-once-in-order"),
+    pytest.param(["References: <r1@a.test><r2@a.test>"], (), ("r1@a.test", "r2@a.test"),
+                 id="no-space-between"),
+    pytest.param(["References: junk <r1@a.test> <broken <r2@a.test>"], (),
+                 ("r1@a.test", "r2@a.test"), id="junk-between"),
+    pytest.param(["In-Reply-To: <unterminated@a.test", "References: nothing here"], (), (),
+                 id="nothing-usable"),
+])
+def test_threading_headers(lines: list[str], in_reply_to: tuple[str, ...],
+                           references: tuple[str, ...]) -> None:
+    facts = read_message(mail("From: r@example.com", *lines))
+    assert facts.in_reply_to == in_reply_to
+    assert facts.references == references
+
+
+@pytest.mark.parametrize(("lines", "list_id", "unsubscribe", "precedence"), [
+    pytest.param(["List-Id: Dev <dev.lists.test>"], "Dev <dev.lists.test>", False, None,
+                 id="list-id"),
+    pytest.param(["List-Id:   Dev\r\n  <dev.lists.test>  "], "Dev <dev.lists.test>", False, None,
+                 id="list-id-folded"),
+    pytest.param(["List-Unsubscribe: <mailto:leave@lists.test>"], None, True, None,
+                 id="list-unsubscribe"),
+    pytest.param(["List-Unsubscribe:"], None, False, None, id="empty-list-unsubscribe"),
+    pytest.param(["Precedence: Bulk"], None, False, "bulk", id="precedence-lower-cased"),
+    pytest.param(["Precedence:  junk "], None, False, "junk", id="precedence-stripped"),
+    pytest.param(["Precedence:"], None, False, None, id="empty-precedence"),
+    pytest.param([], None, False, None, id="none"),
+])
+def test_list_and_bulk_headers(lines: list[str], list_id: str | None, unsubscribe: bool,
+                               precedence: str | None) -> None:
+    facts = read_message(mail("From: r@example.com", *lines))
+    assert (facts.list_id, facts.list_unsubscribe, facts.precedence) == (
+        list_id, unsubscribe, precedence)
+
+
+@pytest.mark.parametrize(("value", "expected", "defect"), [
+    pytest.param("Fri, 27 Nov 2026 10:00:00 +0100",
+                 datetime(2026, 11, 27, 9, 0, tzinfo=UTC), False, id="rfc5322"),
+    pytest.param("27 Nov 2026 10:00:00 GMT", datetime(2026, 11, 27, 10, 0, tzinfo=UTC), False,
+                 id="obsolete-zone-name"),
+    pytest.param("Fri, 27 Nov 2026 10:00:00 -0000", datetime(2026, 11, 27, 10, 0, tzinfo=UTC),
+                 False, id="unknown-zone-is-utc"),
+    pytest.param("Fri, 27 Nov 2026 10:00:00", datetime(2026, 11, 27, 10, 0, tzinfo=UTC), False,
+                 id="no-zone-is-utc"),
+    pytest.param("Blursday, 32 Smarch 20261 25:61:61 +9999", None, True, id="garbage"),
+    pytest.param("Fri, 31 Feb 2026 10:00:00 +0000", None, True, id="no-such-day"),
+    pytest.param("Fri, 27 Nov 99999 10:00:00 +0000", None, True, id="year-out-of-range"),
+    pytest.param("0", None, True, id="a-number"),
+    pytest.param("", None, False, id="empty"),
+])
+def test_date(value: str, expected: datetime | None, defect: bool) -> None:
+    facts = read_message(mail("From: r@example.com", f"Date: {value}"))
+    assert facts.date == expected
+    if expected is not None:
+        assert facts.date is not None and facts.date.utcoffset() is not None
+    assert ("Date: unparseable" in facts.defects) is defect
+
+
+# --- bad input never raises -------------------------------------------------------------
+
+HEAD = b"From: Ada <ada@applicant.test>\r\nTo: recruiter@example.com\r\nSubject: Hi\r\n"
+
+
+def _deep_multipart(levels: int, subject: bytes = b"Hi") -> bytes:
+    body = b"Content-Type: text/plain\r\n\r\nthe innermost part\r\n"
+    for level in range(levels):
+        b = b"b%d" % level
+        body = (b'Content-Type: multipart/mixed; boundary="' + b + b'"\r\n\r\n--' + b + b"\r\n"
+                + body + b"\r\n--" + b + b"--\r\n")
+    return HEAD.replace(b"Subject: Hi", b"Subject: " + subject) + b"MIME-Version: 1.0\r\n" + body
+
+
+def _deep_rfc822(levels: int) -> bytes:
+    body = b"From: ada@applicant.test\r\nContent-Type: text/plain\r\n\r\ninnermost\r\n"
+    for _ in range(levels):
+        body = b"From: r@example.com\r\nContent-Type: message/rfc822\r\n\r\n" + body
+    return HEAD + b"MIME-Version: 1.0\r\n" + body
+
+
+def _many_addresses(count: int) -> bytes:
+    to = b",\r\n ".join(b"User %d <u%d@host%d.test>" % (i, i, i % 7) for i in range(count))
+    return b"From: Ada <ada@applicant.test>\r\nTo: " + to + b"\r\nSubject: Hi\r\n\r\nHi\r\n"
+
+
+BROKEN: list[Any] = [
+    pytest.param(lambda: fixture("malformed_headers.eml"), id="malformed-headers-fixture"),
+    pytest.param(lambda: fixture("bad_charset.eml"), id="bad-charset-fixture"),
+    pytest.param(lambda: fixture("nul_bytes.eml"), id="nul-bytes-fixture"),
+    pytest.param(lambda: b"", id="empty"),
+    pytest.param(lambda: b"\r\n\r\n", id="only-blank-lines"),
+    pytest.param(lambda: b"just a body, no headers at all\r\n", id="no-headers"),
+    pytest.param(lambda: bytes(range(256)) * 64, id="binary-junk"),
+    pytest.param(lambda: HEAD.replace(b"\r\n", b"\r") + b"\rbody\r", id="bare-cr"),
+    pytest.param(lambda: HEAD.replace(b"\r\n", b"\n") + b"\nbody\n", id="bare-lf"),
+    pytest.param(lambda: HEAD + b"X-NUL: a\x00b\r\nMessage-ID: <a\x00b@x.test>\r\n\r\n\x00\x00",
+                 id="nul-in-headers-and-body"),
+    pytest.param(lambda: HEAD + b"Date: Blursday\r\n\r\nHi\r\n", id="unparseable-date"),
+    pytest.param(lambda: HEAD.replace(b"Subject: Hi", b"Subject: =?x-unknown?q?abc?= and "
+                                      b"=?utf-8?b?!!!?= and =?utf-8?q?unterminated")
+                 + b"\r\nHi\r\n", id="bad-encoded-words"),
+    pytest.param(lambda: HEAD + b"Content-Type: text/plain; charset=x-unknown-9\r\n\r\n\xff\xfe",
+                 id="unknown-charset"),
+    pytest.param(lambda: HEAD + b"Content-Type: text/plain; charset=utf-8\r\n\r\n\xff\xfe\xc3",
+                 id="invalid-utf8-body"),
+    pytest.param(lambda: HEAD + b"Content-Type: text/plain\r\nContent-Transfer-Encoding: "
+                 b"base64\r\n\r\n!!!not base64***=\r\nYWJj=ZGVm\r\n", id="broken-base64"),
+    pytest.param(lambda: HEAD + b"Content-Type: text/plain\r\nContent-Transfer-Encoding: "
+                 b"quoted-printable\r\n\r\n=ZZ=\r\n=", id="broken-quoted-printable"),
+    pytest.param(lambda: HEAD + b"Content-Transfer-Encoding: x-uuencode\r\n\r\nabc\r\n",
+                 id="unknown-transfer-encoding"),
+    pytest.param(lambda: HEAD + b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+                 id="multipart-without-boundary"),
+    pytest.param(lambda: HEAD + b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+                 b"Content-Type: text/plain\r\n\r\nnever closed", id="unterminated-multipart"),
+    pytest.param(lambda: HEAD + b"Content-Type: ;;;===\r\n\r\nHi\r\n", id="junk-content-type"),
+    pytest.param(lambda: HEAD + b"Content-Type: message/rfc822\r\n\r\nnot a message\r\n",
+                 id="rfc822-part-that-is-not-a-message"),
+    pytest.param(lambda: b"From: <<<\r\nTo: ,,,;;;@@@\r\nCc: \"unclosed\r\nSender: (\r\n"
+                 b"Reply-To: @:;\r\n\r\nHi\r\n", id="malformed-address-headers"),
+    pytest.param(lambda: HEAD + b"X-8bit: \xff\xfe\xfd\xe4\r\n\r\nHi\r\n", id="8bit-header"),
+    pytest.param(lambda: HEAD + b": no name\r\n\r\nHi\r\n", id="header-without-name"),
+    pytest.param(lambda: HEAD + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+                 + b"\r\nHi\r\n", id="10000-headers"),
+    pytest.param(lambda: HEAD + b"X-Long: " + b"a" * 1_000_000 + b"\r\n\r\nHi\r\n",
+                 id="1mb-header-line"),
+    pytest.param(lambda: HEAD.replace(b"Subject: Hi", b"Subject: " + b"word " * 4000)
+                 + b"\r\nHi\r\n", id="20kb-subject"),
+    pytest.param(lambda: HEAD + b"\r\n" + b"b" * 2_000_000 + b"\r\n", id="2mb-body-line"),
+    pytest.param(lambda: HEAD + b"\r\n" + b"---------- Forwarded message ---------\r\n"
+                 + b"From: " + b"x" * 300_000 + b"\r\n", id="overlong-forwarded-block"),
+    pytest.param(lambda: _deep_multipart(200), id="200-nested-multiparts"),
+    pytest.param(lambda: _deep_multipart(200, b"Fwd: x"), id="200-nested-multiparts-fwd"),
+    pytest.param(lambda: _deep_rfc822(200), id="200-nested-rfc822"),
+    pytest.param(lambda: _deep_multipart(1000), id="1000-nested-multiparts"),
+    pytest.param(lambda: _deep_multipart(1000, b"Fwd: x"), id="1000-nested-multiparts-fwd"),
+    pytest.param(lambda: _deep_rfc822(1000), id="1000-nested-rfc822"),
+]
+
+
+@pytest.mark.parametrize("make", BROKEN)
+def test_bad_input_never_raises(make: Any) -> None:
+    raw = make()
+    facts = read_message(raw, "<ada@applicant.test>", ["recruiter@example.com", "junk"])
+    assert isinstance(facts, MessageFacts)
+    assert facts.size == len(raw)
+    assert facts.envelope_sender == "ada@applicant.test"
+    assert facts.envelope_recipients == ("recruiter@example.com",)
+    assert facts.capture_key
+    # and the rules can judge whatever came out
+    decision = decide(facts, Context(internal_domains=frozenset({"example.com"}),
+                                     team=frozenset({"recruiter@example.com"})))
+    assert not decision.capture
+
+
+@pytest.mark.parametrize(("make", "check"), [
+    pytest.param(lambda: _many_addresses(10_000),
+                 lambda f: len(f.to) == 10_000 and f.to[-1] == "u9999@host3.test",
+                 id="10000-addresses-all-read"),
+    pytest.param(lambda: HEAD + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000))
+                 + b"Message-ID: <late@h.test>\r\n\r\nHi\r\n",
+                 lambda f: f.message_id == "late@h.test" and f.from_ == ("ada@applicant.test",),
+                 id="header-after-10000-headers"),
+    pytest.param(lambda: _deep_multipart(200), lambda f: f.from_ == ("ada@applicant.test",),
+                 id="200-nested-multiparts-headers-read"),
+    pytest.param(lambda: _deep_rfc822(200), lambda f: f.forward.attached,
+                 id="200-nested-rfc822-is-an-attached-forward"),
+    pytest.param(lambda: fixture("malformed_headers.eml"),
+                 lambda f: "Date: unparseable" in f.defects, id="defects-recorded"),
+    pytest.param(lambda: fixture("bad_charset.eml"),
+                 lambda f: f.subject == "tlhIngan Hol application" or "application" in f.subject,
+                 id="unknown-charset-subject-kept"),
+    pytest.param(lambda: HEAD.replace(b"Subject: Hi", b"Subject: " + b"word " * 4000)
+                 + b"\r\nHi\r\n", lambda f: f.subject == " ".join(["word"] * 4000),
+                 id="long-subject-kept-whole"),
+])
+def test_bad_input_keeps_what_is_readable(make: Any, check: Any) -> None:
+    assert check(read_message(make()))
+
+
+# PostgreSQL rejects NUL in text: a fact carrying one could never be stored.
+@pytest.mark.parametrize("name", ["nul_bytes.eml", "nul-in-message-id"])
+def test_facts_carry_no_nul(name: str) -> None:
+    raw = (fixture(name) if name.endswith(".eml")
+           else HEAD + b"Message-ID: <a\x00b@x.test>\r\n\r\nHi\r\n")
+    facts = read_message(raw)
+    texts = [facts.subject, facts.message_id or "", *facts.participants,
+             *facts.references, *facts.in_reply_to]
+    assert not any("\x00" in t for t in texts)
