@@ -57,6 +57,8 @@ class RelaySession(Session):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.upstream: UpstreamSession | None = None
+        # The message being handed on, which a client hanging up must not cut.
+        self.delivery: asyncio.Task[str] | None = None
 
 
 class RelayProtocol(SMTP):
@@ -164,9 +166,15 @@ class Relay:
         return task
 
     def close_upstream(self, session: RelaySession) -> None:
-        if session.upstream is not None:
-            self._spawn(session.upstream.close())
-            session.upstream = None
+        upstream, session.upstream = session.upstream, None
+        if upstream is None:
+            return
+        delivery = session.delivery
+        if delivery is not None and not delivery.done():
+            # Let the upstream answer the message in flight first.
+            delivery.add_done_callback(lambda _: self._spawn(upstream.close()))
+        else:
+            self._spawn(upstream.close())
 
     # --- the SMTP hooks ------------------------------------------------------
 
@@ -237,8 +245,8 @@ class Relay:
             return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
         # Shielded: a client that hangs up mid-way must not leave a capture
         # half-written or an upstream transaction half-done.
-        task = self._spawn(self._relay_message(upstream, envelope))
-        return await asyncio.shield(task)
+        session.delivery = self._spawn(self._relay_message(upstream, envelope))
+        return await asyncio.shield(session.delivery)
 
     async def handle_RSET(self, server: SMTP, session: RelaySession,
                           envelope: Envelope) -> str:

@@ -328,6 +328,26 @@ async def test_client_hanging_up_mid_data_delivers_and_stores_nothing(
     assert await send(relay, make_mail(RECRUITER, ADA), RECRUITER, [ADA]) == 250
 
 
+async def test_client_hanging_up_while_waiting_for_the_answer_cuts_nothing(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    sink.data_delay = 0.3
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.relay.port)
+    await reader.readline()
+    for command in (b"HELO client.test", f"MAIL FROM:<{RECRUITER}>".encode(),
+                    f"RCPT TO:<{ADA}>".encode(), b"DATA"):
+        writer.write(command + b"\r\n")
+        await reader.readline()
+    writer.write(crlf(make_mail(RECRUITER, ADA, "Complete")) + b".\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    await asyncio.sleep(0.6)
+    # The upstream got the whole message and answered 250: it is delivered,
+    # so the capture stands (the client will retry; the retry is stored once).
+    assert len(sink.messages) == 1
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
 async def test_concurrent_sessions_are_all_captured(relay: Gateway, team: Store) -> None:
     mails = [make_mail(RECRUITER, ADA if i % 2 else GRACE, f"Mail {i}") for i in range(30)]
     codes = await asyncio.gather(*(
