@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -20,10 +21,12 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from atsmail.config import Config, ConfigError, find_config_path, load_config
+from atsmail.config import Config, ConfigError, find_config_path, load_config, parse_host_port
 from atsmail.rules import decide, read_message
+from atsmail.secrets import SecretError, Secrets, create_key_file
 from atsmail.storage import Store, UserError
-from atsmail.storage.models import ROLES
+from atsmail.storage.mailboxes import PROVIDERS, SECURITY, Account, Mailboxes, mailbox_json
+from atsmail.storage.models import FOLDER_ROLES, ROLES
 
 T = TypeVar("T")
 
@@ -96,6 +99,12 @@ def init(ctx: click.Context) -> None:
     config = _config(ctx)
     _run(ctx, lambda store: store.migrate(), check_schema=False)
     click.echo(f"store ready: {config.storage.url}")
+    try:
+        if create_key_file(config.secrets):
+            click.echo(f"created the secret key {config.secrets.key_file} (mode 0600): keep it "
+                       "safe and out of the database's backups")
+    except OSError as exc:
+        raise click.ClickException(f"cannot create the secret key: {exc}") from None
 
 
 @main.command()
@@ -467,3 +476,139 @@ def explain(ctx: click.Context, file: Path, mail_from: str | None, rcpt: tuple[s
                    f"thread: {decision.thread}; direction: {decision.direction}")
     for entry in decision.trace:
         click.echo(f"  {entry.rule:16} {entry.verdict:5} {'; '.join(entry.reasons)}")
+
+
+# --- mailboxes -----------------------------------------------------------------
+
+# Where each provider's servers are, unless --imap/--smtp say otherwise.
+PRESETS = {
+    "gmail": ("imap.gmail.com:993", "smtp.gmail.com:465"),
+    "outlook": ("outlook.office365.com:993", "smtp.office365.com:587"),
+}
+
+
+@main.group()
+def mailbox() -> None:
+    """Connected mailboxes, whose incoming and outgoing folders are mirrored."""
+
+
+@mailbox.command("connect")
+@click.argument("address")
+@click.option("--provider", type=click.Choice(PROVIDERS), required=True)
+@click.option("--owner", metavar="USER_EMAIL", help="The team member whose mailbox it is.")
+@click.option("--shared", is_flag=True, help="A shared mailbox such as jobs@.")
+@click.option("--visible-to", "visible_to", multiple=True, metavar="USER_EMAIL",
+              help="Who may see a shared mailbox's mail; repeat for more.")
+@click.option("--imap", "imap_at", metavar="HOST:PORT",
+              help="IMAP server (preset for gmail and outlook).")
+@click.option("--smtp", "smtp_at", metavar="HOST:PORT", help="SMTP server for sending.")
+@click.option("--security", type=click.Choice(SECURITY), default="ssl", show_default=True,
+              help="ssl: implicit TLS; starttls; none: plaintext, only when asked for.")
+@click.option("--username", help="Login name (default: the address).")
+@click.option("--password-env", metavar="VAR", help="Read the password from this variable.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read the password from this file.")
+@click.option("--signature-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def mailbox_connect(ctx: click.Context, address: str, provider: str, owner: str | None,
+                    shared: bool, visible_to: tuple[str, ...], imap_at: str | None,
+                    smtp_at: str | None, security: str, username: str | None,
+                    password_env: str | None, password_file: Path | None,
+                    signature_file: Path | None) -> None:
+    """Connect a mailbox: the mirror starts syncing it with the next `serve`."""
+    config = _config(ctx)
+    if shared and owner:
+        raise click.UsageError("give --owner or --shared, not both")
+    if not shared and not owner:
+        raise click.UsageError("give --owner USER_EMAIL, or --shared --visible-to USER_EMAIL")
+    if shared and not visible_to:
+        raise click.UsageError("a --shared mailbox needs at least one --visible-to USER_EMAIL")
+    imap_at = imap_at or PRESETS.get(provider, ("", ""))[0]
+    smtp_at = smtp_at or PRESETS.get(provider, ("", ""))[1]
+    if not imap_at:
+        raise click.UsageError("--imap HOST:PORT is needed for provider imap")
+    if bool(password_env) == bool(password_file):
+        raise click.UsageError("give exactly one of --password-env VAR or --password-file FILE")
+    if password_env:
+        password = os.environ.get(password_env, "")
+        if not password:
+            raise click.ClickException(f"${password_env} is empty or not set")
+    else:
+        assert password_file is not None
+        password = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    try:
+        imap_host, imap_port = parse_host_port(imap_at)
+        smtp_host, smtp_port = parse_host_port(smtp_at) if smtp_at else ("", 0)
+        sealed = Secrets.load(config.secrets).seal(password)
+    except (ValueError, SecretError) as exc:
+        raise click.ClickException(str(exc)) from None
+    account = Account(
+        address=address, provider=provider, owner=owner, shared=shared, visible_to=visible_to,
+        imap_host=imap_host, imap_port=imap_port, smtp_host=smtp_host, smtp_port=smtp_port,
+        security=security, username=username or address.strip(), sealed_secret=sealed,
+        signature=signature_file.read_text(encoding="utf-8") if signature_file else "")
+    _run(ctx, lambda s: Mailboxes(s.db).connect(account))
+    click.echo(f"connected {address.strip().lower()}; `atsmail serve` keeps it in sync")
+
+
+@mailbox.command("list")
+@json_option
+@click.pass_context
+def mailbox_list(ctx: click.Context, as_json: bool) -> None:
+    """Each mailbox with its state, last sync and last error."""
+    boxes = _run(ctx, lambda s: Mailboxes(s.db).all())
+    if as_json:
+        _print_json([mailbox_json(b) for b in boxes])
+        return
+    _table([[b.address, b.provider, b.owner or "shared: " + ",".join(b.visible_to), b.state,
+             f"{b.last_sync:%Y-%m-%d %H:%M}" if b.last_sync else "never", b.last_error or ""]
+            for b in boxes], "no mailboxes")
+
+
+@mailbox.command("folders")
+@click.argument("address")
+@json_option
+@click.pass_context
+def mailbox_folders(ctx: click.Context, address: str, as_json: bool) -> None:
+    """Each folder the mirror has seen, and its role."""
+    folders = _run(ctx, lambda s: Mailboxes(s.db).folders(address))
+    if as_json:
+        _print_json([f.to_json() for f in folders])
+        return
+    _table([[f.name, f.role, f.special_use] for f in folders],
+           "no folders seen yet (they are listed once the mirror has connected)")
+
+
+@mailbox.command("set-role")
+@click.argument("address")
+@click.argument("folder")
+@click.argument("role", type=click.Choice(FOLDER_ROLES))
+@click.pass_context
+def mailbox_set_role(ctx: click.Context, address: str, folder: str, role: str) -> None:
+    """Make a folder incoming, outgoing, or not synced (none)."""
+    _run(ctx, lambda s: Mailboxes(s.db).set_role(address, folder, role))
+    click.echo(f"{address} {folder}: {role}")
+
+
+@mailbox.command("disconnect")
+@click.argument("address")
+@click.pass_context
+def mailbox_disconnect(ctx: click.Context, address: str) -> None:
+    """Stop mirroring a mailbox and forget its password."""
+    _run(ctx, lambda s: Mailboxes(s.db).disconnect(address))
+    click.echo(f"disconnected {address}")
+
+
+@main.group()
+def identity() -> None:
+    """ATS-hosted identities: the address a team member sends from without a mailbox."""
+
+
+@identity.command("hosted")
+@click.argument("user_email")
+@click.argument("address")
+@click.pass_context
+def identity_hosted(ctx: click.Context, user_email: str, address: str) -> None:
+    """Give a team member an ATS-hosted address."""
+    _run(ctx, lambda s: Mailboxes(s.db).set_hosted_identity(user_email, address))
+    click.echo(f"{user_email} now has the hosted identity {address}")

@@ -71,11 +71,34 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class SecretsConfig:
+    """Where the key that encrypts mailbox passwords and tokens lives."""
+
+    key_file: Path = Path("atsmail.key")
+    key_env: str = "ATSMAIL_SECRET_KEY"
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    enabled: bool = True
+    # Seconds between checks of folders the server cannot push (no IDLE),
+    # and the longest one IDLE waits before it is renewed.
+    poll_interval: float = 60.0
+    command_timeout: float = 30.0
+    reconnect_max: float = 300.0
+    backfill_imap_days: int = 14
+    backfill_gmail_hours: int = 24
+    backfill_outlook_messages: int = 100
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
 
 
 def find_config_path(explicit: str | None) -> Path:
@@ -101,7 +124,7 @@ def load_config(path: Path) -> Config:
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     reader = _Reader(path)
     base = path.resolve().parent
-    reader.known(data, "", {"storage", "relay", "capture"})
+    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror"})
 
     storage = reader.table(data, "storage", {"url"})
     relay = reader.table(
@@ -114,10 +137,15 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         },
     )
     capture = reader.table(data, "capture", {"capture_forwards"})
+    secrets = reader.table(data, "secrets", {"key_file", "key_env"})
+    mirror = reader.table(data, "mirror", {
+        "enabled", "poll_interval", "command_timeout", "reconnect_max", "backfill_imap_days",
+        "backfill_gmail_hours", "backfill_outlook_messages"})
+    mirror_defaults = MirrorConfig()
 
     defaults = RelayConfig()
     listen_host, listen_port = reader.get(
-        relay, "relay.listen", str, _parse_host_port,
+        relay, "relay.listen", str, parse_host_port,
         (defaults.listen_host, defaults.listen_port),
     )
     return Config(
@@ -150,6 +178,28 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         capture=CaptureConfig(
             capture_forwards=reader.get(capture, "capture.capture_forwards", bool, bool,
                                         CaptureConfig.capture_forwards),
+        ),
+        secrets=SecretsConfig(
+            key_file=reader.get(secrets, "secrets.key_file", str,
+                                lambda v: base / Path(v).expanduser(),
+                                base / SecretsConfig.key_file),
+            key_env=reader.get(secrets, "secrets.key_env", str, str, SecretsConfig.key_env),
+        ),
+        mirror=MirrorConfig(
+            enabled=reader.get(mirror, "mirror.enabled", bool, bool, mirror_defaults.enabled),
+            poll_interval=reader.get(mirror, "mirror.poll_interval", (int, float), _seconds,
+                                     mirror_defaults.poll_interval),
+            command_timeout=reader.get(mirror, "mirror.command_timeout", (int, float), _seconds,
+                                       mirror_defaults.command_timeout),
+            reconnect_max=reader.get(mirror, "mirror.reconnect_max", (int, float), _seconds,
+                                     mirror_defaults.reconnect_max),
+            backfill_imap_days=reader.get(mirror, "mirror.backfill_imap_days", int, _positive,
+                                          mirror_defaults.backfill_imap_days),
+            backfill_gmail_hours=reader.get(mirror, "mirror.backfill_gmail_hours", int,
+                                            _positive, mirror_defaults.backfill_gmail_hours),
+            backfill_outlook_messages=reader.get(
+                mirror, "mirror.backfill_outlook_messages", int, _positive,
+                mirror_defaults.backfill_outlook_messages),
         ),
     )
 
@@ -222,7 +272,7 @@ def _join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
+def parse_host_port(value: str, default_port: int | None = None) -> tuple[str, int]:
     """`host:port`, `[v6]:port`; the port may be left out when a default exists."""
     host, sep, port = value.rpartition(":")
     if value.startswith("[") and "]" in value:
@@ -248,7 +298,7 @@ def _parse_upstream(value: str, base: Path) -> Upstream:
             raise ValueError("maildir: needs a path, e.g. maildir:/var/mail/atsmail")
         return Upstream("maildir", path=base / Path(raw).expanduser())
     if value.startswith("smtp://"):
-        host, port = _parse_host_port(value.removeprefix("smtp://").rstrip("/"), 25)
+        host, port = parse_host_port(value.removeprefix("smtp://").rstrip("/"), 25)
         return Upstream("smtp", host=host, port=port)
     raise ValueError(f"expected smtp://HOST[:PORT] or maildir:PATH, got {value!r}")
 

@@ -22,9 +22,19 @@ import asyncpg
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from atsmail.config import CaptureConfig, Config, RelayConfig, StorageConfig, Upstream
+from atsmail.config import (
+    CaptureConfig,
+    Config,
+    MirrorConfig,
+    RelayConfig,
+    SecretsConfig,
+    StorageConfig,
+    Upstream,
+)
 from atsmail.gateway.server import Gateway
+from atsmail.secrets import create_key_file
 from atsmail.storage import Store
+from tests.dovecot import Dovecot, start_dovecot
 
 PG_URL = os.environ.get("ATSMAIL_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -220,11 +230,15 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     capture_forwards = relay.pop("capture_forwards", True)
+    mirror: MirrorConfig = relay.pop("mirror", MirrorConfig(enabled=False))
+    secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
     return Config(
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
                       upstream=upstream, upstream_timeout=5, **relay),
         capture=CaptureConfig(capture_forwards=capture_forwards),
+        secrets=secrets,
+        mirror=mirror,
     )
 
 
@@ -247,6 +261,25 @@ async def gateway_factory(store_url: str, sink: Sink) -> AsyncIterator[GatewayFa
 @pytest.fixture
 async def relay(gateway_factory: GatewayFactory, team: Store) -> Gateway:
     return await gateway_factory()
+
+
+# --- a real IMAP server -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    server = start_dovecot()
+    require_peer(server is not None, "no dovecot on this machine (Debian: dovecot-imapd)")
+    assert server is not None
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def secrets_config(tmp_path: Path) -> SecretsConfig:
+    config = SecretsConfig(key_file=tmp_path / "atsmail.key", key_env="ATSMAIL_TEST_NO_KEY")
+    create_key_file(config)
+    return config
 
 
 # --- building and sending mail -------------------------------------------------

@@ -1,4 +1,4 @@
-"""The running gateway: the store, the capture writer and the relay together."""
+"""The running gateway: the store, the capture writer, the relay and the mirror."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import signal
 
 from atsmail.config import Config
+from atsmail.gateway.mirror import Mirror
 from atsmail.gateway.relay import Relay
 from atsmail.storage import CaptureWriter, Store
 
@@ -19,15 +20,20 @@ class Gateway:
         self.store = Store.open(config.storage.url)
         self.writer = CaptureWriter(self.store.db)
         self.relay = Relay(config, self.store, self.writer)
+        self.mirror = Mirror(config, self.store, self.writer) if config.mirror.enabled else None
 
     async def start(self) -> None:
         await self.store.ensure_current()
         await self.writer.start()
         await self.relay.start()
+        if self.mirror is not None:
+            await self.mirror.start()
         log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
                  self.relay.port, self.config.relay.upstream)
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.mirror is not None:
+            await self.mirror.stop()
         await self.relay.stop(grace)
         await self.writer.stop()
         await self.store.close()

@@ -43,6 +43,8 @@ class Context:
     candidates: Mapping[str, CandidateInfo] = field(default_factory=dict)
     known_messages: Mapping[str, KnownMessage] = field(default_factory=dict)
     capture_forwards: bool = True
+    # The role of the mailbox folder the message was found in (mirror only).
+    folder_role: str | None = None
 
     def is_internal(self, address: str) -> bool:
         """A team member's address, or one in an internal domain or a subdomain of one."""

@@ -38,9 +38,14 @@ class Bulk:
 
 class Direction:
     name = "direction"
-    description = "Outbound when the From address is internal, inbound otherwise."
+    description = ("Outbound when the From address is internal (or the mailbox folder is an "
+                   "outgoing one), inbound otherwise.")
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
+        if ctx.folder_role == "outgoing":
+            return Verdict(True, ("filed in an outgoing folder: outbound",), direction="outbound")
+        if ctx.folder_role == "incoming":
+            return Verdict(False, ("filed in an incoming folder: inbound",), direction="inbound")
         sender = msg.from_[0] if msg.from_ else msg.envelope_sender
         if sender and ctx.is_internal(sender):
             return Verdict(True, (f"From {sender} is internal: outbound",), direction="outbound")

@@ -22,7 +22,13 @@ from sqlalchemy.engine import Connection
 
 from atsmail.rules import Decision, MessageFacts
 from atsmail.storage.db import Database
-from atsmail.storage.models import CapturedMessage, MessageCandidate, Thread, utcnow
+from atsmail.storage.models import (
+    CapturedMessage,
+    MessageCandidate,
+    MessageSource,
+    Thread,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ class Capture:
     decision: Decision
     raw: bytes
     source: str
+    # The mailbox it was found in, for the mirror.
+    mailbox: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,9 @@ _TOUCH = (update(Thread)
 _NEW_THREADS = insert(Thread).returning(Thread.id, sort_by_parameter_order=True)
 _NEW_MESSAGES = insert(CapturedMessage).returning(CapturedMessage.id, sort_by_parameter_order=True)
 _LINK = insert(MessageCandidate)
+_SOURCES_OF = (select(MessageSource.message_pk, MessageSource.source, MessageSource.mailbox)
+               .where(MessageSource.message_pk.in_(bindparam("pks", expanding=True))))
+_ADD_SOURCES = insert(MessageSource)
 _CONFIRM = (update(CapturedMessage)
             .where(CapturedMessage.id.in_(bindparam("pks", expanding=True)))
             .values(state="confirmed"))
@@ -201,6 +212,14 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
     for i, capture in prepares:
         if results[i] is None:
             results[i] = Prepared(stored[capture.facts.capture_key], created=False)
+    # The same message seen again (a retry, a Sent copy the relay also saw)
+    # is stored once and gains the new source.
+    seen = {(stored[c.facts.capture_key], c.source, c.mailbox) for _, c in prepares}
+    known = {(pk, source, mailbox) for pk, source, mailbox in conn.execute(
+        _SOURCES_OF, {"pks": list({pk for pk, _, _ in seen})})}
+    if seen - known:
+        conn.execute(_ADD_SOURCES, [{"message_pk": pk, "source": source, "mailbox": mailbox}
+                                    for pk, source, mailbox in sorted(seen - known)])
 
 
 def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, Any]:

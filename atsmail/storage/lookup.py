@@ -23,6 +23,7 @@ from atsmail.storage.models import (
     CapturedMessage,
     InternalDomain,
     Job,
+    Mailbox,
     MessageCandidate,
     TeamMember,
 )
@@ -37,7 +38,12 @@ class Directory:
 
 
 # Built once: SQLAlchemy then reuses their compiled form on every message.
-_TEAM = select(TeamMember.email)
+# Team members, their hosted identities and the connected mailboxes all
+# count as the team: their conversations are the ATS's business.
+_TEAM = select(TeamMember.email).union(
+    select(TeamMember.hosted_address).where(TeamMember.hosted_address.is_not(None)),
+    select(Mailbox.address).where(Mailbox.state != "disconnected"),
+)
 _DOMAINS = select(InternalDomain.domain)
 _KNOWN = (
     select(CapturedMessage.message_id, CapturedMessage.thread_id, MessageCandidate.candidate_id)
@@ -98,7 +104,7 @@ def candidate_infos(conn: Connection, addresses: Collection[str],
 
 
 def context_for(conn: Connection, facts: MessageFacts, directory: Directory | None,
-                capture_forwards: bool) -> Context:
+                capture_forwards: bool, folder_role: str | None = None) -> Context:
     """The rules' context for one message; `directory` None reads it fresh."""
     directory = directory or load_directory(conn)
     known = known_messages(conn, facts.thread_ids)
@@ -110,4 +116,5 @@ def context_for(conn: Connection, facts: MessageFacts, directory: Directory | No
             conn, {*facts.participants, *facts.forward.original_addresses}, linked),
         known_messages=known,
         capture_forwards=capture_forwards,
+        folder_role=folder_role,
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -67,6 +68,8 @@ class TeamMember(Base):
     email: Mapped[str] = mapped_column(String(320), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     role: Mapped[str] = mapped_column(String(20), default="recruiter")
+    # The ATS-hosted address the member sends from once their mailbox is gone.
+    hosted_address: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -166,3 +169,58 @@ class MessageCandidate(Base):
         ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
     candidate_id: Mapped[str] = mapped_column(
         ForeignKey("candidates.id", ondelete="CASCADE"), primary_key=True)
+
+
+MAILBOX_STATES = ("connecting", "syncing", "idle", "error", "disconnected")
+FOLDER_ROLES = ("incoming", "outgoing", "none")
+
+
+class Mailbox(Base):
+    """A connected mailbox the mirror watches; its secret is stored encrypted."""
+
+    __tablename__ = "mailboxes"
+
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(20))
+    owner: Mapped[str | None] = mapped_column(String(320))
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    visible_to: Mapped[list[str]] = mapped_column(JSON, default=list)
+    imap_host: Mapped[str] = mapped_column(String(255))
+    imap_port: Mapped[int] = mapped_column(Integer)
+    smtp_host: Mapped[str] = mapped_column(String(255), default="")
+    smtp_port: Mapped[int] = mapped_column(Integer, default=0)
+    security: Mapped[str] = mapped_column(String(10))
+    username: Mapped[str] = mapped_column(String(320))
+    secret: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[str] = mapped_column(Text, default="")
+    state: Mapped[str] = mapped_column(String(20), default="connecting")
+    last_sync: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class MailboxFolder(Base):
+    """A folder of a mailbox: its role, and how far the mirror has read it."""
+
+    __tablename__ = "mailbox_folders"
+
+    mailbox: Mapped[str] = mapped_column(
+        ForeignKey("mailboxes.address", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(1000), primary_key=True)
+    special_use: Mapped[str] = mapped_column(String(50), default="")
+    role: Mapped[str] = mapped_column(String(10), default="none")
+    # True once an admin chose the role; the defaults no longer apply then.
+    role_fixed: Mapped[bool] = mapped_column(Boolean, default=False)
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MessageSource(Base):
+    """Everywhere a captured message was seen: the relay, a mailbox's folder."""
+
+    __tablename__ = "message_sources"
+
+    message_pk: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    source: Mapped[str] = mapped_column(String(20), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(320), primary_key=True, default="")

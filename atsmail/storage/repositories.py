@@ -24,6 +24,7 @@ from atsmail.storage.models import (
     InternalDomain,
     Job,
     MessageCandidate,
+    MessageSource,
     Notice,
     TeamMember,
     Thread,
@@ -244,3 +245,14 @@ class ThreadRepository:
             select(CapturedMessage).options(defer(CapturedMessage.raw))
             .where(CapturedMessage.thread_id == thread_id, CapturedMessage.state == "confirmed")
             .order_by(CapturedMessage.date, CapturedMessage.id)))
+
+    async def sources(self, message_pks: Collection[int]) -> dict[int, list[str]]:
+        """Every kind of place each message was seen in, first seen first."""
+        found: dict[int, list[str]] = defaultdict(list)
+        rows = await self.session.execute(
+            select(MessageSource.message_pk, MessageSource.source)
+            .where(MessageSource.message_pk.in_(message_pks)).distinct()
+            .order_by(MessageSource.message_pk, MessageSource.source))
+        for pk, source in rows:
+            found[pk].append(source)
+        return found

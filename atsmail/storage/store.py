@@ -257,8 +257,10 @@ class Store:
             if thread is None or not messages:
                 raise UserError(f"unknown thread {thread_id}")
             candidates = (await repo.thread_candidates([thread_id])).get(thread_id, [])
+            sources = await repo.sources([m.id for m in messages])
         return ThreadDetail(thread.id, thread.subject, candidates, [
             {"message_id": m.message_id, "direction": m.direction, "source": m.source,
+             "sources": sources.get(m.id, [m.source]),
              "from": m.from_addr, "to": m.to_addrs, "cc": m.cc_addrs, "subject": m.subject,
              "date": m.date.isoformat() if m.date else None, "size": m.size,
              "trace": m.trace}

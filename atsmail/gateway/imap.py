@@ -1,0 +1,226 @@
+"""A small, strict IMAP client for the mirror, over aioimaplib.
+
+aioimaplib hands back raw response lines; this module turns them into the
+few things the mirror needs (folders with their special use, UIDVALIDITY,
+UID lists, message bytes by UID) and turns every failure into `ImapError`
+or `ImapAuthError`, with every wait bounded by a timeout. aioimaplib has no
+STARTTLS, so `starttls` upgrades its transport with asyncio's `start_tls`
+after the server agrees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Iterable, Sequence
+from datetime import date
+
+import aioimaplib
+
+_LIST_LINE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delim>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.+)$')
+_FETCH_START = re.compile(rb"^\d+ FETCH \(")
+_UID = re.compile(rb"UID (\d+)")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_SPECIAL_USES = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive", "\\All", "\\Flagged")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class ImapError(Exception):
+    """The server failed, refused a command, or went away."""
+
+
+class ImapAuthError(ImapError):
+    """The server refused the credentials."""
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def imap_date(day: date) -> str:
+    return f"{day.day:02d}-{_MONTHS[day.month - 1]}-{day.year}"
+
+
+class ImapSession:
+    def __init__(self, client: aioimaplib.IMAP4, timeout: float) -> None:
+        self.client = client
+        self.timeout = timeout
+
+    @classmethod
+    async def open(cls, host: str, port: int, security: str, username: str, password: str,
+                   command_timeout: float) -> ImapSession:
+        context = ssl.create_default_context()
+        client: aioimaplib.IMAP4
+        if security == "ssl":
+            client = aioimaplib.IMAP4_SSL(host, port, timeout=command_timeout,
+                                          ssl_context=context)
+        else:
+            client = aioimaplib.IMAP4(host, port, timeout=command_timeout)
+        session = cls(client, command_timeout)
+        try:
+            await session._login(host, port, security, username, password, context)
+        except BaseException:
+            # Whatever went wrong (or a cancellation), leave no socket behind.
+            session.abort()
+            raise
+        return session
+
+    async def _login(self, host: str, port: int, security: str, username: str, password: str,
+                     context: ssl.SSLContext) -> None:
+        try:
+            await self.client.wait_hello_from_server()
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            raise ImapError(f"cannot reach {host}:{port}: {_describe(exc)}") from None
+        try:
+            if security == "starttls":
+                await self._starttls(host, context)
+            response = await self.client.login(username, password)
+        except TimeoutError:
+            # Servers slow down answers after failed logins (Dovecot does).
+            raise ImapError(f"{host}:{port}: login timed out") from None
+        except (OSError, aioimaplib.AioImapException) as exc:
+            raise ImapError(f"{host}:{port}: login failed: {_describe(exc)}") from None
+        if response.result != "OK":
+            text = _text(response.lines)
+            if "[UNAVAILABLE]" in text:  # RFC 5530: the server's trouble, not ours
+                raise ImapError(f"login failed for now: {text}")
+            raise ImapAuthError(f"login refused: {text}")
+
+    async def _starttls(self, host: str, context: ssl.SSLContext) -> None:
+        protocol = self.client.protocol
+        if "STARTTLS" not in protocol.capabilities:
+            raise ImapError("the server does not offer STARTTLS")
+        tag = protocol.new_tag()
+        command = aioimaplib.Command("STARTTLS", tag, loop=protocol.loop)
+        response = await asyncio.wait_for(protocol.execute(command), self.timeout)
+        if response.result != "OK":
+            raise ImapError(f"STARTTLS refused: {_text(response.lines)}")
+        loop = asyncio.get_running_loop()
+        transport = await asyncio.wait_for(loop.start_tls(
+            protocol.transport, protocol, context, server_hostname=host), self.timeout)
+        protocol.transport = transport
+        # Capabilities may change once the connection is private.
+        await asyncio.wait_for(protocol.capability(), self.timeout)
+
+    async def _run(self, command: str, *args: str) -> list[bytes | bytearray]:
+        try:
+            if command == "uid":
+                response = await asyncio.wait_for(self.client.uid(*args), self.timeout)
+            elif command == "uid_search":
+                response = await self.client.uid_search(*args, charset=None)
+            else:
+                response = await getattr(self.client, command)(*args)
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            raise ImapError(f"{command} failed: {_describe(exc)}") from None
+        if response.result != "OK":
+            raise ImapError(f"{command} {' '.join(args)[:80]} refused: {_text(response.lines)}")
+        return list(response.lines)
+
+    async def capabilities(self) -> set[str]:
+        # Asked again after LOGIN: some servers only then show SPECIAL-USE.
+        try:
+            await asyncio.wait_for(self.client.protocol.capability(), self.timeout)
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            raise ImapError(f"CAPABILITY failed: {_describe(exc)}") from None
+        return set(self.client.protocol.capabilities)
+
+    async def folders(self) -> list[tuple[str, str]]:
+        """(name, special use) of every selectable folder."""
+        found = []
+        for line in await self._run("list", '""', '"*"'):
+            match = _LIST_LINE.match(bytes(line))
+            if not match:
+                continue
+            flags = match["flags"].decode(errors="replace").split()
+            if any(f.lower() == "\\noselect" or f.lower() == "\\nonexistent" for f in flags):
+                continue
+            special = next((u for u in _SPECIAL_USES if u.lower() in
+                            (f.lower() for f in flags)), "")
+            found.append((_unquote(match["name"].decode(errors="replace")), special))
+        return found
+
+    async def select(self, folder: str) -> int:
+        """Select `folder`; returns its UIDVALIDITY."""
+        for line in await self._run("select", quote(folder)):
+            match = _UIDVALIDITY.search(bytes(line))
+            if match:
+                return int(match[1])
+        raise ImapError(f"{folder}: the server sent no UIDVALIDITY")
+
+    async def search(self, criteria: str) -> list[int]:
+        lines = await self._run("uid_search", criteria)
+        uids = [int(n) for n in bytes(lines[0]).split() if n.isdigit()] if lines else []
+        return sorted(set(uids))
+
+    async def uids_after(self, last_uid: int) -> list[int]:
+        # `UID n:*` always returns the highest UID, even one below n.
+        return [u for u in await self.search(f"UID {last_uid + 1}:*") if u > last_uid]
+
+    async def fetch(self, uids: Sequence[int], part: str) -> dict[int, bytes]:
+        """`part` (e.g. BODY.PEEK[]) of each UID still there; expunged ones are absent."""
+        if not uids:
+            return {}
+        lines = await self._run("uid", "fetch", _uid_set(uids), f"(UID {part})")
+        found: dict[int, bytes] = {}
+        for i, line in enumerate(lines):
+            if isinstance(line, bytearray) or not _FETCH_START.match(line):
+                continue
+            literal = lines[i + 1] if i + 1 < len(lines) else None
+            if not isinstance(literal, bytearray):
+                continue
+            uid = _UID.search(line) or (
+                _UID.search(bytes(lines[i + 2])) if i + 2 < len(lines) else None)
+            if uid:
+                found[int(uid[1])] = bytes(literal)
+        return found
+
+    async def wait_for_news(self, seconds: float) -> bool:
+        """IDLE for up to `seconds`; True when the server announced a change."""
+        try:
+            idle = await asyncio.wait_for(self.client.idle_start(timeout=seconds), self.timeout)
+            try:
+                push = await self.client.wait_server_push(timeout=seconds + self.timeout)
+            finally:
+                self.client.idle_done()
+                await asyncio.wait_for(idle, self.timeout)
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            raise ImapError(f"IDLE failed: {_describe(exc)}") from None
+        if self.client.protocol.state == "LOGOUT":
+            raise ImapError("the server ended the session")
+        return any(b"stop_wait_server_push" not in bytes(line) for line in push)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.logout(), 5)
+        except (OSError, TimeoutError, aioimaplib.AioImapException):
+            pass
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        transport = getattr(self.client.protocol, "transport", None)
+        if transport is not None:
+            transport.close()
+        task = getattr(self.client, "_client_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _uid_set(uids: Iterable[int]) -> str:
+    return ",".join(str(u) for u in uids)
+
+
+def _unquote(name: str) -> str:
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", name[1:-1])
+    return name
+
+
+def _text(lines: Sequence[bytes | bytearray]) -> str:
+    return " ".join(bytes(line).decode(errors="replace") for line in lines)[:300]

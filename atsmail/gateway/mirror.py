@@ -1,0 +1,234 @@
+"""The IMAP mirror: candidate mail in connected mailboxes, captured as it arrives.
+
+One watcher per connected mailbox reads its incoming and outgoing folders by
+UID from a checkpoint kept in the store (UIDVALIDITY and the last UID seen),
+headers first: only mail the rules will capture is fetched whole. Between
+passes it waits with IDLE where the server offers it, else it polls. A
+watcher never lets one mailbox's trouble reach another: failures are
+recorded on the mailbox, the connection is retried with back-off, and the
+checkpoint only ever moves past mail that was handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+
+from atsmail.config import Config
+from atsmail.gateway.imap import ImapAuthError, ImapError, ImapSession, imap_date
+from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
+from atsmail.secrets import SecretError, Secrets
+from atsmail.storage import Capture, CaptureWriter, Store, lookup
+from atsmail.storage.lookup import load_directory
+from atsmail.storage.mailboxes import FolderState, Mailboxes
+from atsmail.storage.models import Mailbox
+
+log = logging.getLogger(__name__)
+
+# The header fields the rules read; the rest of a message is fetched only
+# when it is captured.
+HEADER_FIELDS = ("FROM SENDER REPLY-TO TO CC SUBJECT DATE MESSAGE-ID IN-REPLY-TO REFERENCES "
+                 "LIST-ID LIST-UNSUBSCRIBE PRECEDENCE CONTENT-TYPE")
+HEADERS = f"BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})]"
+WHOLE = "BODY.PEEK[]"
+BATCH = 200
+# How often the set of connected mailboxes is looked at again.
+DISCOVER_EVERY = 5.0
+
+
+class Mirror:
+    """Starts and stops one watcher per connected mailbox."""
+
+    def __init__(self, config: Config, store: Store, writer: CaptureWriter) -> None:
+        self.config = config
+        self.store = store
+        self.writer = writer
+        self.mailboxes = Mailboxes(store.db)
+        self.watchers: dict[str, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name="mirror")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._stop_watchers(list(self.watchers))
+
+    async def _stop_watchers(self, addresses: list[str]) -> None:
+        tasks = [self.watchers.pop(a) for a in addresses]
+        # asyncio.wait_for (used throughout aioimaplib) can swallow a
+        # cancellation on Python 3.11: cancel until the task has really ended.
+        while any(not t.done() for t in tasks):
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=1)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("a mailbox watcher ended with %r", task.exception())
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._reconcile()
+            except Exception:
+                log.warning("could not read the connected mailboxes", exc_info=True)
+            await asyncio.sleep(min(DISCOVER_EVERY, self.config.mirror.poll_interval))
+
+    async def _reconcile(self) -> None:
+        wanted = {box.address: box for box in await self.mailboxes.all()
+                  if box.state != "disconnected"}
+        await self._stop_watchers([a for a in self.watchers if a not in wanted])
+        for address, box in wanted.items():
+            task = self.watchers.get(address)
+            if task is None or task.done():
+                watcher = Watcher(self, box)
+                self.watchers[address] = asyncio.create_task(
+                    watcher.run(), name=f"mirror {address}")
+
+
+class Watcher:
+    """Keeps one mailbox in sync, reconnecting with back-off."""
+
+    def __init__(self, mirror: Mirror, box: Mailbox) -> None:
+        self.mirror = mirror
+        self.box = box
+        self.settings = mirror.config.mirror
+        self.mailboxes = mirror.mailboxes
+
+    async def run(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await self._connected()
+            except ImapAuthError as exc:
+                await self._trouble(str(exc))
+                delay = self.settings.reconnect_max
+            except (ImapError, SecretError) as exc:
+                await self._trouble(str(exc))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("mirror of %s failed", self.box.address)
+                await self._trouble(f"internal error: {type(exc).__name__}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max)
+
+    async def _trouble(self, error: str) -> None:
+        log.warning("mailbox %s: %s", self.box.address, error)
+        with contextlib.suppress(Exception):
+            await self.mailboxes.set_error(self.box.address, error)
+
+    async def _connected(self) -> None:
+        box = self.box
+        await self.mailboxes.set_state(box.address, "connecting")
+        password = Secrets.load(self.mirror.config.secrets).open(box.secret)
+        imap = await ImapSession.open(box.imap_host, box.imap_port, box.security, box.username,
+                                      password, command_timeout=self.settings.command_timeout)
+        try:
+            can_idle = "IDLE" in await imap.capabilities()
+            while True:
+                await self.mailboxes.set_state(box.address, "syncing")
+                listed = await imap.folders()
+                folders = await self.mailboxes.record_folders(box.address, box.provider, listed)
+                synced = [f for f in folders if f.role != "none"]
+                for folder in synced:
+                    await self._sync(imap, folder)
+                await self.mailboxes.set_synced(box.address)
+                inbox = next((f for f in synced if f.role == "incoming"), None)
+                if can_idle and inbox is not None:
+                    # Incoming mail wakes us at once; the rest is read at
+                    # least every poll_interval.
+                    await imap.select(inbox.name)
+                    await imap.wait_for_news(self.settings.poll_interval)
+                else:
+                    await asyncio.sleep(self.settings.poll_interval)
+        finally:
+            await imap.close()
+
+    async def _sync(self, imap: ImapSession, folder: FolderState) -> None:
+        uidvalidity = await imap.select(folder.name)
+        if folder.uidvalidity == uidvalidity:
+            uids = await imap.uids_after(folder.last_uid)
+        else:
+            # First sight of the folder, or its UIDs were renumbered: read the
+            # back-fill window again; what was captured already is not stored
+            # twice (the capture key is the Message-ID).
+            uids = await self._backfill(imap)
+            if folder.uidvalidity is not None:
+                log.info("mailbox %s folder %s: UIDVALIDITY changed, reading it again",
+                         self.box.address, folder.name)
+        last = folder.last_uid if folder.uidvalidity == uidvalidity else 0
+        for start in range(0, len(uids), BATCH):
+            batch = uids[start:start + BATCH]
+            headers = await imap.fetch(batch, HEADERS)
+            for uid in batch:
+                if uid in headers:
+                    await self._consider(imap, folder, uid, headers[uid])
+                last = uid
+            await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, last)
+        if not uids and folder.uidvalidity != uidvalidity:
+            await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, last)
+
+    async def _backfill(self, imap: ImapSession) -> list[int]:
+        settings, provider = self.settings, self.box.provider
+        if provider == "outlook":
+            return (await imap.search("ALL"))[-settings.backfill_outlook_messages:]
+        if provider == "gmail":
+            since = datetime.now(UTC) - timedelta(hours=settings.backfill_gmail_hours)
+        else:
+            since = datetime.now(UTC) - timedelta(days=settings.backfill_imap_days)
+        return await imap.search(f"SINCE {imap_date(since.date())}")
+
+    async def _consider(self, imap: ImapSession, folder: FolderState, uid: int,
+                        header_bytes: bytes) -> None:
+        """Judge one message by its headers; fetch and capture it when it counts.
+
+        A message that cannot be read is logged and skipped; a store failure
+        propagates, so the checkpoint stays before it and it is tried again.
+        """
+        try:
+            facts = read_message(header_bytes)
+        except Exception:
+            log.exception("mailbox %s folder %s UID %d: unreadable headers, skipped",
+                          self.box.address, folder.name, uid)
+            return
+        decision = await self._decide(facts, folder)
+        if not decision.capture and not (not decision.vetoed and facts.forward.subject_prefix):
+            return
+        whole = (await imap.fetch([uid], WHOLE)).get(uid)
+        if whole is None:
+            return  # expunged meanwhile
+        try:
+            facts = read_message(whole)
+        except Exception:
+            log.exception("mailbox %s folder %s UID %d: unreadable message, skipped",
+                          self.box.address, folder.name, uid)
+            return
+        decision = await self._decide(facts, folder)
+        if not decision.capture:
+            return
+        prepared = await self.mirror.writer.prepare(
+            Capture(facts, decision, whole, "mirror", mailbox=self.box.address))
+        await self.mirror.writer.confirm(prepared)
+        log.info("mailbox %s folder %s UID %d: captured %s for %s", self.box.address,
+                 folder.name, uid, facts.message_id, ", ".join(decision.candidates))
+
+    async def _decide(self, facts: MessageFacts, folder: FolderState) -> Decision:
+        forwards = self.mirror.config.capture.capture_forwards
+        db = self.mirror.store.db
+        directory = await db.run(load_directory, write=False)
+        quick = decide(facts, Context(internal_domains=directory.domains, team=directory.team,
+                                      capture_forwards=forwards, folder_role=folder.role),
+                       stop_at_veto=True)
+        if quick.vetoed:
+            return quick
+
+        context = await db.run(lambda conn: lookup.context_for(
+            conn, facts, directory, forwards, folder.role), write=False)
+        return decide(facts, context)

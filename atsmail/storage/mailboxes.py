@@ -1,0 +1,230 @@
+"""Connected mailboxes: accounts, folder roles and the mirror's checkpoints.
+
+The service methods here each run in one transaction, like `Store`'s; the
+mirror reads and advances checkpoints through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from atsmail.storage.db import Database
+from atsmail.storage.models import FOLDER_ROLES, Mailbox, MailboxFolder, TeamMember, utcnow
+from atsmail.storage.store import UserError, checked_address
+
+PROVIDERS = ("imap", "gmail", "outlook")
+SECURITY = ("ssl", "starttls", "none")
+# Where providers keep sent mail when the server does not flag it \Sent.
+SENT_FOLDERS = {
+    "gmail": ("[Gmail]/Sent Mail", "[Google Mail]/Sent Mail", "[Gmail]/Gesendet"),
+    "outlook": ("Sent Items", "Gesendete Elemente", "Éléments envoyés"),
+    "imap": ("Sent", "Sent Messages", "Sent Items"),
+}
+
+
+@dataclass(frozen=True)
+class Account:
+    """What the CLI gives to connect a mailbox."""
+
+    address: str
+    provider: str
+    owner: str | None
+    shared: bool
+    visible_to: Sequence[str]
+    imap_host: str
+    imap_port: int
+    smtp_host: str
+    smtp_port: int
+    security: str
+    username: str
+    sealed_secret: bytes
+    signature: str = ""
+
+
+@dataclass(frozen=True)
+class FolderState:
+    name: str
+    special_use: str
+    role: str
+    uidvalidity: int | None
+    last_uid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "special_use": self.special_use or None,
+                "uidvalidity": self.uidvalidity, "last_uid": self.last_uid}
+
+
+def mailbox_json(box: Mailbox) -> dict[str, Any]:
+    return {
+        "address": box.address, "provider": box.provider, "owner": box.owner,
+        "shared": box.shared, "visible_to": list(box.visible_to), "state": box.state,
+        "last_sync": box.last_sync.isoformat() if box.last_sync else None,
+        "last_error": box.last_error, "imap": f"{box.imap_host}:{box.imap_port}",
+        "security": box.security,
+    }
+
+
+def default_role(name: str, special_use: str, provider: str) -> str:
+    if name.upper() == "INBOX":
+        return "incoming"
+    if special_use == "\\Sent" or (not special_use and name in SENT_FOLDERS[provider]):
+        return "outgoing"
+    return "none"
+
+
+class Mailboxes:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def connect(self, account: Account) -> None:
+        address = checked_address(account.address)
+        if account.provider not in PROVIDERS:
+            raise UserError(f"unknown provider {account.provider!r}: one of {', '.join(PROVIDERS)}")
+        if account.security not in SECURITY:
+            raise UserError(f"unknown security {account.security!r}: one of {', '.join(SECURITY)}")
+        if account.shared == (account.owner is not None):
+            raise UserError("a mailbox has an --owner, or is --shared with --visible-to users")
+        async with self.db.write() as session:
+            existing = await session.get(Mailbox, address)
+            if existing is not None and existing.state != "disconnected":
+                by = (f"as a shared mailbox (visible to {', '.join(existing.visible_to)})"
+                      if existing.shared else f"by {existing.owner}")
+                raise UserError(f"{address} is already connected {by}")
+            people = [checked_address(p) for p in
+                      ([account.owner] if account.owner else list(account.visible_to))]
+            for person in people:
+                if await session.get(TeamMember, person) is None:
+                    raise UserError(f"{person} is not a team member (add them with "
+                                    "`atsmail user add`)")
+            if existing is not None:
+                await session.delete(existing)
+                await session.flush()
+            session.add(Mailbox(
+                address=address, provider=account.provider,
+                owner=people[0] if account.owner else None, shared=account.shared,
+                visible_to=[] if account.owner else people,
+                imap_host=account.imap_host, imap_port=account.imap_port,
+                smtp_host=account.smtp_host, smtp_port=account.smtp_port,
+                security=account.security, username=account.username,
+                secret=account.sealed_secret, signature=account.signature,
+                state="connecting"))
+
+    async def all(self) -> list[Mailbox]:
+        async with self.db.read() as session:
+            return list(await session.scalars(select(Mailbox).order_by(Mailbox.address)))
+
+    async def get(self, address: str) -> Mailbox:
+        async with self.db.read() as session:
+            box = await session.get(Mailbox, checked_address(address))
+        if box is None:
+            raise UserError(f"no mailbox {address} is connected")
+        return box
+
+    async def disconnect(self, address: str) -> None:
+        """Stop mirroring; a personal mailbox needs its owner's hosted identity first."""
+        address = checked_address(address)
+        async with self.db.write() as session:
+            box = await session.get(Mailbox, address)
+            if box is None or box.state == "disconnected":
+                raise UserError(f"no mailbox {address} is connected")
+            if box.owner is not None:
+                owner = await session.get(TeamMember, box.owner)
+                if owner is None or not owner.hosted_address:
+                    raise UserError(
+                        f"{box.owner} has no hosted identity yet: give them one with `atsmail "
+                        f"identity hosted {box.owner} ADDRESS` first, so their mail from the "
+                        "ATS still goes out and replies still come back")
+            box.state = "disconnected"
+            box.secret = b""
+            box.last_error = None
+
+    async def set_hosted_identity(self, user: str, address: str) -> None:
+        user, address = checked_address(user), checked_address(address)
+        async with self.db.write() as session:
+            member = await session.get(TeamMember, user)
+            if member is None:
+                raise UserError(f"{user} is not a team member")
+            taken = await session.scalar(select(TeamMember.email).where(
+                TeamMember.hosted_address == address, TeamMember.email != user))
+            if taken:
+                raise UserError(f"{address} is already the hosted identity of {taken}")
+            member.hosted_address = address
+
+    async def folders(self, address: str) -> list[FolderState]:
+        address = checked_address(address)
+        async with self.db.read() as session:
+            if await session.get(Mailbox, address) is None:
+                raise UserError(f"no mailbox {address} is connected")
+            rows = await session.scalars(select(MailboxFolder).where(
+                MailboxFolder.mailbox == address).order_by(MailboxFolder.name))
+            return [_state(f) for f in rows]
+
+    async def set_role(self, address: str, folder: str, role: str) -> None:
+        if role not in FOLDER_ROLES:
+            raise UserError(f"unknown role {role!r}: one of {', '.join(FOLDER_ROLES)}")
+        address = checked_address(address)
+        async with self.db.write() as session:
+            found = await session.get(MailboxFolder, (address, folder))
+            if found is None:
+                raise UserError(f"{address} has no folder {folder!r} (see `atsmail mailbox "
+                                f"folders {address}`)")
+            found.role, found.role_fixed = role, True
+
+    # --- for the mirror ------------------------------------------------------
+
+    async def record_folders(self, address: str, provider: str,
+                             listed: Sequence[tuple[str, str]]) -> list[FolderState]:
+        """Note the folders the server lists; new ones get their default role."""
+        async with self.db.write() as session:
+            known = {f.name: f for f in await session.scalars(
+                select(MailboxFolder).where(MailboxFolder.mailbox == address))}
+            for name, special_use in listed:
+                folder = known.get(name)
+                if folder is None:
+                    folder = MailboxFolder(mailbox=address, name=name, special_use=special_use,
+                                           role=default_role(name, special_use, provider),
+                                           role_fixed=False, last_uid=0)
+                    session.add(folder)
+                    known[name] = folder
+                elif not folder.role_fixed:
+                    folder.special_use = special_use
+                    folder.role = default_role(name, special_use, provider)
+            await session.flush()
+            return [_state(known[name]) for name, _ in listed]
+
+    async def checkpoint(self, address: str, folder: str, uidvalidity: int,
+                         last_uid: int) -> None:
+        async with self.db.write() as session:
+            await session.execute(update(MailboxFolder).where(
+                MailboxFolder.mailbox == address, MailboxFolder.name == folder,
+            ).values(uidvalidity=uidvalidity, last_uid=last_uid))
+
+    async def set_state(self, address: str, state: str) -> None:
+        """Record what the mirror is doing; the last error stays until a sync succeeds."""
+        await self._update(address, state=state)
+
+    async def set_error(self, address: str, error: str) -> None:
+        await self._update(address, state="error", last_error=error)
+
+    async def set_synced(self, address: str) -> None:
+        await self._update(address, state="idle", last_error=None, last_sync=utcnow())
+
+    async def _update(self, address: str, **values: Any) -> None:
+        async with self.db.write() as session:
+            await session.execute(update(Mailbox).where(
+                Mailbox.address == address, Mailbox.state != "disconnected").values(**values))
+
+    async def forget_folders(self, address: str, names: Sequence[str]) -> None:
+        async with self.db.write() as session:
+            await session.execute(delete(MailboxFolder).where(
+                MailboxFolder.mailbox == address, MailboxFolder.name.in_(names)))
+
+
+def _state(folder: MailboxFolder) -> FolderState:
+    return FolderState(folder.name, folder.special_use, folder.role, folder.uidvalidity,
+                       folder.last_uid)
+

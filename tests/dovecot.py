@@ -1,0 +1,153 @@
+"""A real Dovecot IMAP server for the tests, run unprivileged on a free loopback port.
+
+One server per test session; each test uses users of its own (any name
+logs in with the one password), so tests never see each other's mail.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import itertools
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Dovecot runs mail processes as this unprivileged user (it refuses root).
+MAIL_UID = MAIL_GID = 65534
+# Every user has this password (a static passdb: users need no set-up, and
+# any other password is refused).
+PASSWORD = "mailbox-secret"
+
+CONFIG = """\
+protocols = imap
+listen = 127.0.0.1
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+# Every test logs in from 127.0.0.1: one test's wrong password must not slow
+# the others' logins down (Dovecot's per-address auth penalty).
+login_trusted_networks = 127.0.0.0/8
+auth_failure_delay = 0
+passdb {{
+  driver = static
+  args = password={password}
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={root}/mail/%u
+}}
+mail_location = maildir:{root}/mail/%u
+default_internal_user = nobody
+default_login_user = nobody
+default_internal_group = nogroup
+service imap-login {{
+  chroot =
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+namespace inbox {{
+  inbox = yes
+  mailbox Sent {{
+    special_use = \\Sent
+    auto = subscribe
+  }}
+  mailbox Archive {{
+    special_use = \\Archive
+    auto = subscribe
+  }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Dovecot:
+    root: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def start(self) -> None:
+        for sub in ("run", "state", "mail"):
+            (self.root / sub).mkdir(parents=True)
+        shutil.chown(self.root / "mail", MAIL_UID, MAIL_GID)
+        (self.root / "dovecot.conf").write_text(CONFIG.format(
+            root=self.root, port=self.port, password=PASSWORD, uid=MAIL_UID, gid=MAIL_GID))
+        with (self.root / "stdout.log").open("wb") as out:
+            # Its master keeps stdio open: never a pipe.
+            self.process = subprocess.Popen(
+                ["dovecot", "-F", "-c", str(self.root / "dovecot.conf")],
+                stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.05)
+        raise RuntimeError("dovecot did not start:\n" + self.log())
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        parts = [p.read_text(errors="replace") for p in
+                 (self.root / "stdout.log", self.root / "dovecot.log") if p.exists()]
+        return "\n".join(parts)[-3000:]
+
+    def add_user(self, name: str = "user") -> tuple[str, str]:
+        """A fresh, empty mailbox: (address, password)."""
+        return f"{name}{next(self._ids)}@example.com", PASSWORD
+
+    def client(self, address: str, password: str) -> imaplib.IMAP4:
+        client = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
+        client.login(address, password)
+        return client
+
+    def deliver(self, address: str, password: str, raw: bytes, folder: str = "INBOX",
+                when: float | None = None) -> None:
+        """Put a message into a folder, as delivery or the user's client would."""
+        client = self.client(address, password)
+        try:
+            date = imaplib.Time2Internaldate(when) if when is not None else None
+            typ, data = client.append(folder, None, date, raw)
+            assert typ == "OK", data
+        finally:
+            client.logout()
+
+
+def start_dovecot() -> Dovecot | None:
+    """A running server, or None when this machine has no Dovecot."""
+    if shutil.which("dovecot") is None:
+        return None
+    root = Path(tempfile.mkdtemp(prefix="atsm-dv-", dir="/tmp"))  # short: socket paths
+    root.chmod(0o755)  # its unprivileged processes read the users file here
+    server = Dovecot(root, free_port())
+    server.start()
+    return server

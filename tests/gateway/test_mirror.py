@@ -1,0 +1,199 @@
+"""The mirror against a real Dovecot: mail in a mailbox's folders, captured or not.
+
+Each test connects a fresh Dovecot user's mailbox, runs the gateway with the
+mirror on, puts mail into folders the way delivery or the user's client
+would, and waits (bounded) for what the store then holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from atsmail.config import MirrorConfig, SecretsConfig
+from atsmail.gateway.server import Gateway
+from atsmail.secrets import Secrets
+from atsmail.storage import Store
+from atsmail.storage.mailboxes import Account, Mailboxes
+from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
+from tests.dovecot import Dovecot
+
+ADA = "ada@applicant.test"
+FAST = MirrorConfig(poll_interval=0.5, command_timeout=5, reconnect_max=1)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("not reached in time")
+        await asyncio.sleep(0.1)
+
+
+async def connect(store: Store, secrets: SecretsConfig, dovecot: Dovecot, address: str,
+                  password: str, owner: str | None = "recruiter@example.com") -> None:
+    await Mailboxes(store.db).connect(Account(
+        address=address, provider="imap", owner=owner, shared=owner is None,
+        visible_to=[] if owner else ["recruiter@example.com"], imap_host="127.0.0.1",
+        imap_port=dovecot.port, smtp_host="", smtp_port=0, security="none",
+        username=address, sealed_secret=Secrets.load(secrets).seal(password)))
+
+
+@pytest.fixture
+async def mirrored(gateway_factory: GatewayFactory, team: Store, dovecot: Dovecot,
+                   secrets_config: SecretsConfig) -> AsyncIterator[tuple[str, str, Gateway]]:
+    """Alice's mailbox, connected and mirrored by a running gateway."""
+    address, password = dovecot.add_user("alice")
+    await connect(team, secrets_config, dovecot, address, password)
+    gateway = await gateway_factory(mirror=FAST, secrets=secrets_config)
+    await eventually(lambda: _state_is(team, address, "idle"))
+    yield address, password, gateway
+
+
+async def _state_is(store: Store, address: str, state: str) -> bool:
+    box = await Mailboxes(store.db).get(address)
+    return box.state == state
+
+
+async def _threads(store: Store, candidate: str, count: int) -> bool:
+    return sum(t.message_count for t in await store.threads(candidate)) >= count
+
+
+async def test_incoming_candidate_mail_is_captured_and_a_sent_reply_joins_it(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot) -> None:
+    alice, password, _ = mirrored
+    first = make_mail(ADA, alice, "Application", message_id="<app-1@applicant.test>")
+    await asyncio.to_thread(dovecot.deliver, alice, password, first)
+    await eventually(lambda: _threads(team, "C-1", 1))
+
+    reply = make_mail(alice, ADA, "Re: Application", message_id="<re-1@example.com>",
+                      In_Reply_To="<app-1@applicant.test>", References="<app-1@applicant.test>")
+    await asyncio.to_thread(dovecot.deliver, alice, password, reply, "Sent")
+    await eventually(lambda: _threads(team, "C-1", 2))
+
+    threads = await team.threads("C-1")
+    assert len(threads) == 1
+    messages = (await team.thread(threads[0].id)).messages
+    assert [(m["direction"], m["source"]) for m in messages] == [
+        ("inbound", "mirror"), ("outbound", "mirror")]
+
+
+async def test_other_folders_and_other_mail_are_not_captured(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot) -> None:
+    alice, password, _ = mirrored
+    await asyncio.to_thread(dovecot.deliver, alice, password,
+                            make_mail(ADA, alice, "Filed away"), "Archive")
+    await asyncio.to_thread(dovecot.deliver, alice, password,
+                            make_mail("news@shop.test", alice, "Sale", List_Id="<sale.shop>"))
+    await asyncio.to_thread(dovecot.deliver, alice, password,
+                            make_mail("friend@else.test", alice, "Lunch"))
+    marker = make_mail(ADA, alice, "Counted")
+    await asyncio.to_thread(dovecot.deliver, alice, password, marker)
+    await eventually(lambda: _threads(team, "C-1", 1))
+    await asyncio.sleep(0.5)
+    assert [t.subject for t in await team.threads()] == ["Counted"]
+    folders = {f.name: f.role for f in await Mailboxes(team.db).folders(alice)}
+    assert folders == {"INBOX": "incoming", "Sent": "outgoing", "Archive": "none"}
+
+
+async def test_mail_older_than_the_backfill_window_is_not_captured(
+        gateway_factory: GatewayFactory, team: Store, dovecot: Dovecot,
+        secrets_config: SecretsConfig) -> None:
+    address, password = dovecot.add_user("old")
+    old = make_mail(ADA, address, "Long ago")
+    await asyncio.to_thread(dovecot.deliver, address, password, old, "INBOX",
+                            time.time() - 30 * 86400)
+    recent = make_mail(ADA, address, "Last week")
+    await asyncio.to_thread(dovecot.deliver, address, password, recent, "INBOX",
+                            time.time() - 7 * 86400)
+    await connect(team, secrets_config, dovecot, address, password)
+    await gateway_factory(mirror=FAST, secrets=secrets_config)
+    await eventually(lambda: _state_is(team, address, "idle"))
+    assert [t.subject for t in await team.threads("C-1")] == ["Last week"]
+
+
+async def test_a_message_the_relay_captured_is_stored_once_and_gains_the_source(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot, sink: Sink) -> None:
+    alice, password, gateway = mirrored
+    raw = make_mail(alice, ADA, "Through both", message_id="<both@example.com>")
+    result = await smtp_send(gateway.relay.port, raw, alice, [ADA])
+    assert result.code == 250
+    await asyncio.to_thread(dovecot.deliver, alice, password, raw, "Sent")
+
+    async def both() -> bool:
+        threads = await team.threads("C-1")
+        if not threads:
+            return False
+        return (await team.thread(threads[0].id)).messages[0]["sources"] == ["mirror", "relay"]
+
+    await eventually(both)
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+async def test_uidvalidity_change_rereads_without_duplicates(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot) -> None:
+    alice, password, _ = mirrored
+    raw = make_mail(ADA, alice, "Before the reset", message_id="<reset@applicant.test>")
+    await asyncio.to_thread(dovecot.deliver, alice, password, raw, "Archive")
+    await Mailboxes(team.db).set_role(alice, "Archive", "incoming")
+    await eventually(lambda: _threads(team, "C-1", 1))
+
+    def recreate() -> None:
+        client = dovecot.client(alice, password)
+        try:
+            assert client.delete("Archive")[0] == "OK"
+            assert client.create("Archive")[0] == "OK"
+        finally:
+            client.logout()
+        dovecot.deliver(alice, password, raw, "Archive")
+        dovecot.deliver(alice, password, make_mail(ADA, alice, "After the reset"), "Archive")
+
+    before = {f.name: f.uidvalidity for f in await Mailboxes(team.db).folders(alice)}
+    await asyncio.to_thread(recreate)
+
+    async def reread() -> bool:
+        folders = {f.name: f.uidvalidity for f in await Mailboxes(team.db).folders(alice)}
+        return folders["Archive"] != before["Archive"] and await _threads(team, "C-1", 2)
+
+    await eventually(reread)
+    subjects = sorted(t.subject for t in await team.threads("C-1"))
+    assert subjects == ["After the reset", "Before the reset"]
+
+
+async def test_wrong_password_is_shown_and_other_mailboxes_carry_on(
+        gateway_factory: GatewayFactory, team: Store, dovecot: Dovecot,
+        secrets_config: SecretsConfig) -> None:
+    good, password = dovecot.add_user("good")
+    bad, _ = dovecot.add_user("bad")
+    await connect(team, secrets_config, dovecot, good, password)
+    await connect(team, secrets_config, dovecot, bad, "not-the-password",
+                  owner=None)
+    await gateway_factory(mirror=FAST, secrets=secrets_config)
+    await asyncio.to_thread(dovecot.deliver, good, password, make_mail(ADA, good, "Still here"))
+    await eventually(lambda: _threads(team, "C-1", 1))
+
+    async def failed() -> bool:
+        box = await Mailboxes(team.db).get(bad)
+        # After a refusal Dovecot slows further logins down, so the error
+        # shown may be the refusal or the slowed-down attempt after it.
+        return box.state == "error" and "login" in (box.last_error or "")
+
+    await eventually(failed)
+    assert (await Mailboxes(team.db).get(good)).last_sync is not None
+
+
+async def test_passwords_are_encrypted_at_rest(
+        team: Store, dovecot: Dovecot, secrets_config: SecretsConfig, store_url: str) -> None:
+    address, password = dovecot.add_user("secret")
+    await connect(team, secrets_config, dovecot, address, password)
+    box = await Mailboxes(team.db).get(address)
+    assert password.encode() not in box.secret
+    assert Secrets.load(secrets_config).open(box.secret) == password
+    if store_url.startswith("sqlite"):
+        await team.db.checkpoint()
+        path = Path(store_url.partition(":///")[2])
+        assert password.encode() not in path.read_bytes()
