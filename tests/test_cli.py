@@ -256,3 +256,60 @@ def test_a_second_serve_on_a_taken_port_fails_clearly(
     result = cli("serve", code=1)
     assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
     assert served[0].poll() is None
+
+
+def test_config_example_is_complete_and_valid(tmp_path: Path) -> None:
+    from atsmail.config import load_config
+    example = Path(__file__).parent.parent / "config.example.toml"
+    config = load_config(example)
+    assert config.relay.upstream.kind == "maildir"
+    assert config.mirror.enabled and config.secrets.key_file.name == "atsmail.key"
+
+
+def test_mailbox_commands(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cli("user", "add", "rita@example.com")
+    cli("user", "add", "sam@example.com")
+    monkeypatch.setenv("BOX_PW", "s3cret-password")
+    base = ["mailbox", "connect", "--provider", "imap", "--imap", "127.0.0.1:1143",
+            "--security", "none", "--password-env", "BOX_PW"]
+    cli(*base, "rita@example.com", "--owner", "rita@example.com")
+    again = cli(*base, "rita@example.com", "--owner", "sam@example.com", code=1)
+    assert "already connected by rita@example.com" in again.stderr
+    cli(*base, "jobs@example.com", "--shared", "--visible-to", "rita@example.com",
+        "--visible-to", "sam@example.com")
+    shared_again = cli(*base, "jobs@example.com", "--shared", "--visible-to", "sam@example.com",
+                       code=1)
+    assert "already connected as a shared mailbox" in shared_again.stderr
+    assert "not a team member" in cli(*base, "x@example.com", "--owner", "nobody@example.com",
+                                      code=1).stderr
+    cli(*base, "y@example.com", code=2)  # neither --owner nor --shared
+    cli("mailbox", "connect", "--provider", "imap", "z@example.com", "--owner",
+        "rita@example.com", "--password-env", "BOX_PW", code=2)  # imap needs --imap
+    monkeypatch.delenv("BOX_PW")
+    assert "is empty or not set" in cli(*base, "w@example.com", "--owner", "sam@example.com",
+                                        code=1).stderr
+
+    listed = cli.json("mailbox", "list")
+    assert isinstance(listed, list)
+    assert [(m["address"], m["owner"], m["shared"], m["visible_to"], m["state"])
+            for m in listed] == [
+        ("jobs@example.com", None, True, ["rita@example.com", "sam@example.com"], "connecting"),
+        ("rita@example.com", "rita@example.com", False, [], "connecting")]
+    assert all({"provider", "last_sync", "last_error"} <= set(m) for m in listed)
+    assert b"s3cret-password" not in (tmp_path / "store" / "atsmail.db").read_bytes()
+
+    assert cli.json("mailbox", "folders", "rita@example.com") == []
+    assert "has no folder" in cli("mailbox", "set-role", "rita@example.com", "Work",
+                                  "incoming", code=1).stderr
+    refused = cli("mailbox", "disconnect", "rita@example.com", code=1)
+    assert "no hosted identity" in refused.stderr
+    cli("identity", "hosted", "rita@example.com", "rita@ats-hosted.example")
+    assert "already the hosted identity" in cli(
+        "identity", "hosted", "sam@example.com", "rita@ats-hosted.example", code=1).stderr
+    cli("mailbox", "disconnect", "rita@example.com")
+    cli("mailbox", "disconnect", "jobs@example.com")
+    states = {m["address"]: m["state"] for m in cli.json("mailbox", "list")}  # type: ignore[union-attr]
+    assert states == {"jobs@example.com": "disconnected", "rita@example.com": "disconnected"}
+    # A disconnected mailbox can be connected again.
+    monkeypatch.setenv("BOX_PW", "another")
+    cli(*base, "rita@example.com", "--owner", "rita@example.com")

@@ -195,3 +195,15 @@ async def test_migrations_are_tracked(tmp_path: Path) -> None:
         assert await is_current(store.db)
     finally:
         await store.close()
+
+
+async def test_migrations_build_exactly_the_models(store: Store) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from atsmail.storage.models import Base
+
+    async with store.db.writer.connect() as conn:
+        differences = await conn.run_sync(
+            lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
+    assert differences == []
