@@ -275,6 +275,15 @@ def dovecot() -> Iterator[Dovecot]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def dovecot_tls() -> Iterator[Dovecot]:
+    server = start_dovecot(tls=True)
+    require_peer(server is not None, "no dovecot on this machine (Debian: dovecot-imapd)")
+    assert server is not None
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def secrets_config(tmp_path: Path) -> SecretsConfig:
     config = SecretsConfig(key_file=tmp_path / "atsmail.key", key_env="ATSMAIL_TEST_NO_KEY")

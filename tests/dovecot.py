@@ -29,7 +29,7 @@ listen = 127.0.0.1
 base_dir = {root}/run
 state_dir = {root}/state
 log_path = {root}/dovecot.log
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 # Every test logs in from 127.0.0.1: one test's wrong password must not slow
@@ -53,6 +53,10 @@ service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
     port = {port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {tls_port}
   }}
 }}
 service anvil {{
@@ -82,6 +86,10 @@ def free_port() -> int:
 class Dovecot:
     root: Path
     port: int
+    # With a certificate: STARTTLS on `port`, implicit TLS on `tls_port`.
+    cert: Path | None = None
+    key: Path | None = None
+    tls_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -89,8 +97,12 @@ class Dovecot:
         for sub in ("run", "state", "mail"):
             (self.root / sub).mkdir(parents=True)
         shutil.chown(self.root / "mail", MAIL_UID, MAIL_GID)
+        ssl = (f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.key}"
+               if self.cert else "ssl = no")
+        self.tls_port = self.tls_port or free_port()
         (self.root / "dovecot.conf").write_text(CONFIG.format(
-            root=self.root, port=self.port, password=PASSWORD, uid=MAIL_UID, gid=MAIL_GID))
+            root=self.root, port=self.port, tls_port=self.tls_port, ssl=ssl, password=PASSWORD,
+            uid=MAIL_UID, gid=MAIL_GID))
         with (self.root / "stdout.log").open("wb") as out:
             # Its master keeps stdio open: never a pipe.
             self.process = subprocess.Popen(
@@ -142,12 +154,47 @@ class Dovecot:
             client.logout()
 
 
-def start_dovecot() -> Dovecot | None:
-    """A running server, or None when this machine has no Dovecot."""
+def start_dovecot(tls: bool = False) -> Dovecot | None:
+    """A running server, or None when this machine has no Dovecot.
+
+    With `tls`, it has a self-signed certificate for 127.0.0.1, written to
+    `root/cert.pem` for clients to trust.
+    """
     if shutil.which("dovecot") is None:
         return None
     root = Path(tempfile.mkdtemp(prefix="atsm-dv-", dir="/tmp"))  # short: socket paths
-    root.chmod(0o755)  # its unprivileged processes read the users file here
+    root.chmod(0o755)  # its unprivileged processes read files here
     server = Dovecot(root, free_port())
+    if tls:
+        server.cert, server.key = _self_signed(root)
     server.start()
     return server
+
+
+def _self_signed(root: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = root / "cert.pem", root / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o644)  # read by Dovecot's unprivileged processes
+    return cert_path, key_path

@@ -35,11 +35,13 @@ async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10) 
 
 
 async def connect(store: Store, secrets: SecretsConfig, dovecot: Dovecot, address: str,
-                  password: str, owner: str | None = "recruiter@example.com") -> None:
+                  password: str, owner: str | None = "recruiter@example.com",
+                  security: str = "none") -> None:
+    port = dovecot.tls_port if security == "ssl" else dovecot.port
     await Mailboxes(store.db).connect(Account(
         address=address, provider="imap", owner=owner, shared=owner is None,
         visible_to=[] if owner else ["recruiter@example.com"], imap_host="127.0.0.1",
-        imap_port=dovecot.port, smtp_host="", smtp_port=0, security="none",
+        imap_port=port, smtp_host="", smtp_port=0, security=security,
         username=address, sealed_secret=Secrets.load(secrets).seal(password)))
 
 
@@ -197,3 +199,27 @@ async def test_passwords_are_encrypted_at_rest(
         await team.db.checkpoint()
         path = Path(store_url.partition(":///")[2])
         assert password.encode() not in path.read_bytes()
+
+
+@pytest.mark.parametrize("security", ["starttls", "ssl"])
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_tls_mailboxes_are_mirrored_once_the_certificate_is_trusted(
+        gateway_factory: GatewayFactory, team: Store, dovecot_tls: Dovecot,
+        secrets_config: SecretsConfig, monkeypatch: pytest.MonkeyPatch, security: str) -> None:
+    address, password = dovecot_tls.add_user("tls")
+    await connect(team, secrets_config, dovecot_tls, address, password, security=security)
+    await asyncio.to_thread(dovecot_tls.deliver, address, password,
+                            make_mail(ADA, address, f"Over {security}"))
+    await gateway_factory(mirror=FAST, secrets=secrets_config)
+
+    async def refused() -> bool:
+        box = await Mailboxes(team.db).get(address)
+        return box.state == "error" and "CERTIFICATE_VERIFY_FAILED" in (box.last_error or "")
+
+    # A self-signed certificate is refused ...
+    await eventually(refused)
+    assert await team.threads() == []
+    # ... until it is trusted; the watcher's next attempt then gets through.
+    monkeypatch.setenv("SSL_CERT_FILE", str(dovecot_tls.cert))
+    await eventually(lambda: _threads(team, "C-1", 1))
+    assert [t.subject for t in await team.threads("C-1")] == [f"Over {security}"]
