@@ -22,11 +22,14 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from atsmail.config import Config, ConfigError, find_config_path, load_config, parse_host_port
+from atsmail.gateway.sender import compose
 from atsmail.rules import decide, read_message
 from atsmail.secrets import SecretError, Secrets, create_key_file
 from atsmail.storage import Store, UserError
 from atsmail.storage.mailboxes import PROVIDERS, SECURITY, Account, Mailboxes, mailbox_json
-from atsmail.storage.models import FOLDER_ROLES, ROLES
+from atsmail.storage.models import FOLDER_ROLES, ROLES, OutboxMessage
+from atsmail.storage.outbox import Outbox, outbox_json
+from atsmail.storage.store import checked_address
 
 T = TypeVar("T")
 
@@ -612,3 +615,55 @@ def identity_hosted(ctx: click.Context, user_email: str, address: str) -> None:
     """Give a team member an ATS-hosted address."""
     _run(ctx, lambda s: Mailboxes(s.db).set_hosted_identity(user_email, address))
     click.echo(f"{user_email} now has the hosted identity {address}")
+
+
+# --- sending -------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--as", "sender", required=True, metavar="USER_EMAIL",
+              help="The team member it is sent for.")
+@click.option("--to", "recipients", required=True, multiple=True, metavar="ADDRESS",
+              help="A recipient; repeat for more.")
+@click.option("--subject", required=True)
+@click.option("--body-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--body", "body_text", metavar="TEXT")
+@click.option("--candidate", "candidate_id", metavar="CANDIDATE_ID",
+              help="File it on this candidate even if the address is not theirs.")
+@json_option
+@click.pass_context
+def send(ctx: click.Context, sender: str, recipients: tuple[str, ...], subject: str,
+         body_file: Path | None, body_text: str | None, candidate_id: str | None,
+         as_json: bool) -> None:
+    """Queue a message in the outbox; `serve` sends it from the member's mailbox."""
+    if (body_file is None) == (body_text is None):
+        raise click.UsageError("give exactly one of --body-file F or --body TEXT")
+    body = body_file.read_text(encoding="utf-8") if body_file else str(body_text)
+
+    async def work(store: Store) -> OutboxMessage:
+        outbox = Outbox(store.db)
+        route = await outbox.route(sender)
+        addresses = [checked_address(r) for r in recipients]
+        if candidate_id:
+            await outbox.check_candidate(candidate_id)
+        message_id, raw = compose(route, addresses, subject, body)
+        return await outbox.queue(sender, route, addresses, candidate_id, message_id, raw)
+
+    item = _run(ctx, work)
+    if as_json:
+        _print_json({"id": item.id, "message_id": item.message_id, "status": item.status})
+    else:
+        click.echo(f"queued as {item.id} <{item.message_id}> from {item.from_address}")
+
+
+@main.command()
+@json_option
+@click.pass_context
+def outbox(ctx: click.Context, as_json: bool) -> None:
+    """Mail queued or sent from the ATS, with attempts and the last error."""
+    items = _run(ctx, lambda s: Outbox(s.db).all())
+    if as_json:
+        _print_json([outbox_json(i) for i in items])
+        return
+    _table([[str(i.id), i.status, f"{i.attempts} tries", i.from_address,
+             ", ".join(i.recipients), i.last_error or ""] for i in items], "the outbox is empty")

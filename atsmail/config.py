@@ -92,6 +92,19 @@ class MirrorConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """Signing of mail sent from hosted identities; off until all three are set."""
+
+    selector: str = ""
+    domain: str = ""
+    key_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.selector and self.domain and self.key_file)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -99,6 +112,7 @@ class Config:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
 
 
 def find_config_path(explicit: str | None) -> Path:
@@ -124,7 +138,7 @@ def load_config(path: Path) -> Config:
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     reader = _Reader(path)
     base = path.resolve().parent
-    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror"})
+    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror", "dkim"})
 
     storage = reader.table(data, "storage", {"url"})
     relay = reader.table(
@@ -142,6 +156,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         "enabled", "poll_interval", "command_timeout", "reconnect_max", "backfill_imap_days",
         "backfill_gmail_hours", "backfill_outlook_messages"})
     mirror_defaults = MirrorConfig()
+    dkim = reader.table(data, "dkim", {"selector", "domain", "key_file"})
 
     defaults = RelayConfig()
     listen_host, listen_port = reader.get(
@@ -200,6 +215,12 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             backfill_outlook_messages=reader.get(
                 mirror, "mirror.backfill_outlook_messages", int, _positive,
                 mirror_defaults.backfill_outlook_messages),
+        ),
+        dkim=DkimConfig(
+            selector=reader.get(dkim, "dkim.selector", str, str, ""),
+            domain=reader.get(dkim, "dkim.domain", str, str, ""),
+            key_file=reader.get(dkim, "dkim.key_file", str,
+                                lambda v: base / Path(v).expanduser(), None),
         ),
     )
 

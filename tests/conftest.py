@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from atsmail.config import (
     CaptureConfig,
     Config,
+    DkimConfig,
     MirrorConfig,
     RelayConfig,
     SecretsConfig,
@@ -232,6 +233,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     capture_forwards = relay.pop("capture_forwards", True)
     mirror: MirrorConfig = relay.pop("mirror", MirrorConfig(enabled=False))
     secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
+    dkim: DkimConfig = relay.pop("dkim", DkimConfig())
     return Config(
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
@@ -239,6 +241,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         capture=CaptureConfig(capture_forwards=capture_forwards),
         secrets=secrets,
         mirror=mirror,
+        dkim=dkim,
     )
 
 

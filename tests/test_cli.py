@@ -313,3 +313,29 @@ def test_mailbox_commands(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # A disconnected mailbox can be connected again.
     monkeypatch.setenv("BOX_PW", "another")
     cli(*base, "rita@example.com", "--owner", "rita@example.com")
+
+
+def test_send_queues_in_the_outbox(cli: Cli, tmp_path: Path) -> None:
+    cli("user", "add", "rita@example.com", "--name", "Rita")
+    cli("candidate", "add", "C-1", "--name", "Ada", "--email", "ada@applicant.test")
+    no_route = cli("send", "--as", "rita@example.com", "--to", "ada@applicant.test",
+                   "--subject", "Hi", "--body", "Hello", code=1)
+    assert "no connected mailbox and no hosted identity" in no_route.stderr
+    cli("identity", "hosted", "rita@example.com", "rita@ats.example")
+    cli("send", "--as", "rita@example.com", "--to", "ada@applicant.test", "--subject", "Hi",
+        code=2)  # no body
+    assert "unknown candidate" in cli(
+        "send", "--as", "rita@example.com", "--to", "ada@applicant.test", "--subject", "Hi",
+        "--body", "Hello", "--candidate", "C-9", code=1).stderr
+    body = tmp_path / "body.txt"
+    body.write_text("Dear Ada,\n\nwelcome.\n")
+    queued = cli.json("send", "--as", "rita@example.com", "--to", "ada@applicant.test",
+                      "--subject", "Welcome", "--body-file", str(body), "--candidate", "C-1")
+    assert isinstance(queued, dict)
+    assert set(queued) == {"id", "message_id", "status"} and queued["status"] == "queued"
+    assert queued["message_id"].endswith("@ats.example")
+    listed = cli.json("outbox")
+    assert isinstance(listed, list)
+    assert [{k: m[k] for k in ("id", "message_id", "status", "attempts", "last_error")}
+            for m in listed] == [{"id": queued["id"], "message_id": queued["message_id"],
+                                  "status": "queued", "attempts": 0, "last_error": None}]

@@ -175,6 +175,22 @@ class ImapSession:
                 found[int(uid[1])] = bytes(literal)
         return found
 
+    async def file(self, folder: str, raw: bytes, message_id: str) -> bool:
+        """Put `raw` into `folder` as read, unless a copy is already there.
+
+        Returns False when it was there: a retried filing adds no duplicate.
+        """
+        await self.select(folder)
+        if message_id and await self.search(f"HEADER Message-ID {quote('<' + message_id + '>')}"):
+            return False
+        try:
+            response = await self.client.append(raw, mailbox=quote(folder), flags="(\\Seen)")
+        except (OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            raise ImapError(f"APPEND failed: {_describe(exc)}") from None
+        if response.result != "OK":
+            raise ImapError(f"APPEND to {folder} refused: {_text(response.lines)}")
+        return True
+
     async def wait_for_news(self, seconds: float) -> bool:
         """IDLE for up to `seconds`; True when the server announced a change."""
         try:

@@ -1,4 +1,4 @@
-"""The running gateway: the store, the capture writer, the relay and the mirror."""
+"""The running gateway: the store, the capture writer, the relay, mirror and sender."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 from atsmail.config import Config
 from atsmail.gateway.mirror import Mirror
 from atsmail.gateway.relay import Relay
+from atsmail.gateway.sender import Sender
 from atsmail.storage import CaptureWriter, Store
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ class Gateway:
         self.writer = CaptureWriter(self.store.db)
         self.relay = Relay(config, self.store, self.writer)
         self.mirror = Mirror(config, self.store, self.writer) if config.mirror.enabled else None
+        self.sender = Sender(config, self.store, self.writer)
 
     async def start(self) -> None:
         await self.store.ensure_current()
@@ -28,10 +30,12 @@ class Gateway:
         await self.relay.start()
         if self.mirror is not None:
             await self.mirror.start()
+        await self.sender.start()
         log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
                  self.relay.port, self.config.relay.upstream)
 
     async def stop(self, grace: float | None = None) -> None:
+        await self.sender.stop()
         if self.mirror is not None:
             await self.mirror.stop()
         await self.relay.stop(grace)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 
 from atsmail.storage.db import Database
 from atsmail.storage.models import FOLDER_ROLES, Mailbox, MailboxFolder, TeamMember, utcnow
@@ -179,6 +180,15 @@ class Mailboxes:
     async def record_folders(self, address: str, provider: str,
                              listed: Sequence[tuple[str, str]]) -> list[FolderState]:
         """Note the folders the server lists; new ones get their default role."""
+        try:
+            return await self._record_folders(address, provider, listed)
+        except IntegrityError:
+            # The mirror and the sender noted a new folder at the same time;
+            # the second look sees the first one's rows.
+            return await self._record_folders(address, provider, listed)
+
+    async def _record_folders(self, address: str, provider: str,
+                              listed: Sequence[tuple[str, str]]) -> list[FolderState]:
         async with self.db.write() as session:
             known = {f.name: f for f in await session.scalars(
                 select(MailboxFolder).where(MailboxFolder.mailbox == address))}

@@ -224,3 +224,29 @@ class MessageSource(Base):
         ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
     source: Mapped[str] = mapped_column(String(20), primary_key=True)
     mailbox: Mapped[str] = mapped_column(String(320), primary_key=True, default="")
+
+
+OUTBOX_STATES = ("queued", "sending", "sent", "failed")
+
+
+class OutboxMessage(Base):
+    """Mail composed in the ATS, kept until it is sent, filed and captured."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_status_next_attempt", "status", "next_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sender: Mapped[str] = mapped_column(String(320))
+    from_address: Mapped[str] = mapped_column(String(320))
+    # The connected mailbox it goes out through; None: the hosted identity.
+    mailbox: Mapped[str | None] = mapped_column(String(320))
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    candidate_id: Mapped[str | None] = mapped_column(String(100))
+    message_id: Mapped[str] = mapped_column(String(1000), unique=True)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(10), default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

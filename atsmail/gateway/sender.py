@@ -1,0 +1,214 @@
+"""The sender: mail composed in the ATS, delivered from the outbox.
+
+A message goes out through the sender's own mailbox (SMTP submission with
+their credentials), is filed in that mailbox's Sent folder (once: it looks
+for the Message-ID first; Gmail files sent mail itself), and is captured on
+the candidate. A team member without a mailbox sends from their hosted
+identity through the gateway's upstream, DKIM-signed when configured.
+Failures are retried from the outbox with back-off; nothing is sent twice
+on purpose, and nothing queued is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets as token
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate
+
+import aiosmtplib
+import dkim
+
+from atsmail.config import Config
+from atsmail.gateway.imap import ImapError, ImapSession
+from atsmail.gateway.upstream import Reply, open_session
+from atsmail.rules import Decision, decide, read_message
+from atsmail.rules.addresses import domain_of
+from atsmail.secrets import SecretError, Secrets
+from atsmail.storage import Capture, CaptureWriter, Store, lookup
+from atsmail.storage.mailboxes import Mailboxes
+from atsmail.storage.models import Mailbox, OutboxMessage
+from atsmail.storage.outbox import Outbox, Route
+
+log = logging.getLogger(__name__)
+
+# How often the outbox is looked at for due messages.
+POLL = 1.0
+
+
+def compose(route: Route, recipients: list[str], subject: str, body: str) -> tuple[str, bytes]:
+    """The message to send, and its Message-ID (without angle brackets)."""
+    message_id = f"atsmail.{token.token_hex(12)}@{domain_of(route.from_address)}"
+    msg = EmailMessage()
+    msg["From"] = formataddr((route.name, route.from_address)) if route.name else (
+        route.from_address)
+    msg["To"] = ", ".join(recipients)
+    msg["Subject"] = subject
+    msg["Date"] = formatdate(localtime=False)
+    msg["Message-ID"] = f"<{message_id}>"
+    text = body if body.endswith("\n") else body + "\n"
+    if route.signature:
+        text += "\n-- \n" + route.signature.rstrip("\n") + "\n"
+    msg.set_content(text)
+    return message_id, msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class DeliveryError(Exception):
+    def __init__(self, text: str, permanent: bool) -> None:
+        super().__init__(text)
+        self.permanent = permanent
+
+
+class Sender:
+    def __init__(self, config: Config, store: Store, writer: CaptureWriter) -> None:
+        self.config = config
+        self.store = store
+        self.writer = writer
+        self.outbox = Outbox(store.db)
+        self.mailboxes = Mailboxes(store.db)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.outbox.requeue_interrupted()
+        self._task = asyncio.create_task(self._run(), name="sender")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        # Whatever was being sent is tried again by the next start.
+        await self.outbox.requeue_interrupted()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                for item in await self.outbox.claim_due():
+                    await self._deliver(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the outbox could not be worked through; trying again")
+            await asyncio.sleep(POLL)
+
+    async def _deliver(self, item: OutboxMessage) -> None:
+        try:
+            box = await self.mailboxes.get(item.mailbox) if item.mailbox else None
+            if box is not None:
+                await self._submit(box, item)
+            else:
+                await self._send_hosted(item)
+        except DeliveryError as exc:
+            log.warning("outbox %d (%s): %s", item.id, item.message_id, exc)
+            if exc.permanent:
+                await self.outbox.failed(item.id, str(exc))
+            else:
+                await self.outbox.retry(item.id, item.attempts, str(exc))
+            return
+        note = None
+        if box is not None and box.provider != "gmail":  # Gmail files sent mail itself
+            note = await self._file_in_sent(box, item)
+        await self.outbox.sent(item.id, note)
+        await self._capture(item)
+        log.info("outbox %d (%s) sent from %s", item.id, item.message_id, item.from_address)
+
+    async def _submit(self, box: Mailbox, item: OutboxMessage) -> None:
+        try:
+            password = Secrets.load(self.config.secrets).open(box.secret)
+        except SecretError as exc:
+            raise DeliveryError(str(exc), permanent=False) from None
+        client = aiosmtplib.SMTP(
+            hostname=box.smtp_host, port=box.smtp_port, timeout=self.config.relay.upstream_timeout,
+            use_tls=box.security == "ssl", start_tls=box.security == "starttls",
+            username=box.username, password=password)
+        try:
+            async with client:
+                errors, _ = await client.sendmail(item.from_address, list(item.recipients),
+                                                  item.raw)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise DeliveryError(f"{box.smtp_host} refused the login: {exc.message}",
+                                permanent=False) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            raise DeliveryError(f"{box.smtp_host} answered {exc.code} {exc.message}",
+                                permanent=exc.code >= 500) from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise DeliveryError(f"{box.smtp_host}: {exc}", permanent=False) from None
+        if errors:
+            refused = "; ".join(f"{r}: {e.code} {e.message}" for r, e in errors.items())
+            log.warning("outbox %d: some recipients refused: %s", item.id, refused)
+
+    async def _send_hosted(self, item: OutboxMessage) -> None:
+        raw = self._signed(item.raw)
+        relay = self.config.relay
+        session = await open_session(relay.upstream, relay.upstream_timeout, relay.data_timeout,
+                                     relay.hostname or None)
+        if isinstance(session, Reply):
+            raise DeliveryError(str(session), permanent=False)
+        try:
+            reply = await session.mail(item.from_address, [])
+            if reply.ok:
+                answers = [await session.rcpt(r) for r in item.recipients]
+                accepted = [a for a in answers if a.ok]
+                reply = await session.data(raw) if accepted else answers[0]
+            if not reply.ok:
+                raise DeliveryError(f"upstream answered {reply}", permanent=reply.permanent)
+        finally:
+            await session.close()
+
+    def _signed(self, raw: bytes) -> bytes:
+        settings = self.config.dkim
+        if not settings.enabled:
+            return raw
+        assert settings.key_file is not None
+        try:
+            key = settings.key_file.read_bytes()
+        except OSError as exc:
+            raise DeliveryError(f"cannot read the DKIM key: {exc}", permanent=False) from None
+        header = dkim.sign(raw, settings.selector.encode(), settings.domain.encode(), key,
+                           include_headers=[b"from", b"to", b"subject", b"date",
+                                            b"message-id"],
+                           canonicalize=(b"relaxed", b"simple"))
+        return bytes(header) + raw
+
+    async def _file_in_sent(self, box: Mailbox, item: OutboxMessage) -> str | None:
+        """File the sent message as read; a failure is noted, never re-sent."""
+        try:
+            password = Secrets.load(self.config.secrets).open(box.secret)
+            imap = await ImapSession.open(box.imap_host, box.imap_port, box.security,
+                                          box.username, password,
+                                          command_timeout=self.config.mirror.command_timeout)
+            try:
+                # The folder roles as the mirror keeps them (listed afresh, so a
+                # mailbox the mirror has not reached yet is filed correctly too).
+                folders = await self.mailboxes.record_folders(
+                    box.address, box.provider, await imap.folders())
+                sent = next((f.name for f in folders if f.role == "outgoing"), None)
+                if sent is None:
+                    return "sent, but the mailbox has no outgoing folder to file it in"
+                await imap.file(sent, item.raw, item.message_id)
+            finally:
+                await imap.close()
+        except (ImapError, SecretError) as exc:
+            log.warning("outbox %d: sent, but not filed in Sent: %s", item.id, exc)
+            return f"sent, but not filed in the Sent folder: {exc}"
+        return None
+
+    async def _capture(self, item: OutboxMessage) -> None:
+        facts = read_message(item.raw, item.from_address, list(item.recipients))
+        forwards = self.config.capture.capture_forwards
+        context = await self.store.db.run(
+            lambda conn: lookup.context_for(conn, facts, None, forwards), write=False)
+        decision = decide(facts, context)
+        if item.candidate_id and item.candidate_id not in decision.candidates:
+            # Sent for this candidate from the ATS: it belongs on their profile.
+            decision = Decision(True, "outbound", (*decision.candidates, item.candidate_id),
+                                decision.thread_id if decision.capture else None,
+                                decision.trace, decision.deciding_rules)
+        if not decision.capture:
+            return
+        prepared = await self.writer.prepare(Capture(facts, decision, item.raw, "sender",
+                                                     mailbox=item.mailbox or ""))
+        await self.writer.confirm(prepared)

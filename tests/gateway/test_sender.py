@@ -1,0 +1,237 @@
+"""The sender: outbox → the member's own SMTP server (with AUTH) → Sent folder → capture.
+
+Real peers throughout: an SMTP submission server that insists on AUTH, the
+test Dovecot for the Sent folder, the gateway's upstream sink for hosted
+identities, and DKIM signatures checked with dkimpy against the public key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import warnings
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dkim
+import pytest
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from atsmail.config import DkimConfig, SecretsConfig
+from atsmail.gateway.sender import compose
+from atsmail.secrets import Secrets
+from atsmail.storage import Store
+from atsmail.storage.mailboxes import Account, Mailboxes
+from atsmail.storage.models import OutboxMessage
+from atsmail.storage.outbox import Outbox
+from tests.conftest import GatewayFactory, Sink
+from tests.dovecot import Dovecot
+from tests.gateway.test_mirror import FAST, eventually
+
+ADA = "ada@applicant.test"
+
+
+@dataclass
+class SubmissionServer(Sink):
+    """A sink that only takes mail after AUTH with the one right password."""
+
+    password: str = ""
+    logins: list[str] = field(default_factory=list)
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, data: Any) -> AuthResult:
+        if isinstance(data, LoginPassword) and data.password.decode() == self.password:
+            self.logins.append(data.login.decode())
+            return AuthResult(success=True)
+        return AuthResult(success=False, handled=False)
+
+    def _protocol(self) -> SMTP:
+        self.sessions += 1
+        with warnings.catch_warnings():
+            # aiosmtpd warns of AUTH without TLS: that is this test server's point.
+            warnings.simplefilter("ignore")
+            protocol = SMTP(self, hostname="submission.test", authenticator=self._authenticate,
+                            auth_required=True, auth_require_tls=False)
+        self._protocols.append(protocol)
+        return protocol
+
+
+@pytest.fixture
+async def submission() -> AsyncIterator[SubmissionServer]:
+    server = SubmissionServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def queue(store: Store, sender: str, to: list[str], subject: str,
+                candidate: str | None = None) -> OutboxMessage:
+    outbox = Outbox(store.db)
+    route = await outbox.route(sender)
+    message_id, raw = compose(route, to, subject, "Dear Ada,\n\nwelcome.\n")
+    return await outbox.queue(sender, route, to, candidate, message_id, raw)
+
+
+async def status_of(store: Store, item_id: int) -> OutboxMessage:
+    return next(i for i in await Outbox(store.db).all() if i.id == item_id)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+async def test_mail_goes_out_through_the_members_server_is_filed_once_and_captured(
+        gateway_factory: GatewayFactory, team: Store, dovecot: Dovecot,
+        secrets_config: SecretsConfig, submission: SubmissionServer) -> None:
+    alice, password = dovecot.add_user("alice")
+    submission.password = password
+    await team.add_team_member(alice, "Alice Recruiter")
+    await Mailboxes(team.db).connect(Account(
+        address=alice, provider="imap", owner=alice, shared=False, visible_to=[],
+        imap_host="127.0.0.1", imap_port=dovecot.port, smtp_host="127.0.0.1",
+        smtp_port=submission.port, security="none", username=alice,
+        sealed_secret=Secrets.load(secrets_config).seal(password),
+        signature="Alice Recruiter\nExample Ltd"))
+    item = await queue(team, alice, [ADA], "Your interview", candidate="C-1")
+    await gateway_factory(mirror=FAST, secrets=secrets_config)
+
+    async def sent() -> bool:
+        return (await status_of(team, item.id)).status == "sent"
+
+    await eventually(sent)
+    assert submission.logins == [alice]
+    assert [(m.mail_from, m.rcpt_tos) for m in submission.messages] == [(alice, [ADA])]
+    assert b"-- \r\nAlice Recruiter" in submission.messages[0].content
+
+    def sent_copies() -> int:
+        client = dovecot.client(alice, password)
+        try:
+            client.select("Sent")
+            _, data = client.search(None, "HEADER", "Message-ID", item.message_id)
+            found = data[0].split()
+            for number in found:
+                _, flags = client.fetch(number, "(FLAGS)")
+                assert b"\\Seen" in flags[0]
+            return len(found)
+        finally:
+            client.logout()
+
+    assert await asyncio.to_thread(sent_copies) == 1
+
+    async def captured_from_both() -> bool:
+        threads = await team.threads("C-1")
+        if not threads:
+            return False
+        sources = (await team.thread(threads[0].id)).messages[0]["sources"]
+        return sources == ["mirror", "sender"]
+
+    # The mirror then sees the filed copy: still one message, two sources.
+    await eventually(captured_from_both)
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+    assert await asyncio.to_thread(sent_copies) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_server_that_is_down_is_retried_and_nothing_is_lost(
+        gateway_factory: GatewayFactory, team: Store, secrets_config: SecretsConfig,
+        submission: SubmissionServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("atsmail.storage.outbox.FIRST_RETRY", 0.2)
+    submission.password = "pw"
+    down = free_port()
+    await Mailboxes(team.db).connect(Account(
+        address="recruiter@example.com", provider="imap", owner="recruiter@example.com",
+        shared=False, visible_to=[], imap_host="127.0.0.1", imap_port=free_port(),
+        smtp_host="127.0.0.1", smtp_port=down, security="none",
+        username="recruiter@example.com",
+        sealed_secret=Secrets.load(secrets_config).seal("pw")))
+    item = await queue(team, "recruiter@example.com", [ADA], "Retried")
+    await gateway_factory(secrets=secrets_config)
+
+    async def failed_once() -> bool:
+        state = await status_of(team, item.id)
+        return state.attempts >= 1 and state.status == "queued" and bool(state.last_error)
+
+    await eventually(failed_once)
+    # The server comes back (the mailbox is pointed at it, as an admin would).
+    async with team.db.write() as session:
+        from atsmail.storage.models import Mailbox
+        box = await session.get(Mailbox, "recruiter@example.com")
+        assert box is not None
+        box.smtp_port = submission.port
+
+    async def sent() -> bool:
+        return (await status_of(team, item.id)).status == "sent"
+
+    await eventually(sent)
+    assert len(submission.messages) == 1
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_wrong_submission_password_is_shown_not_sent(
+        gateway_factory: GatewayFactory, team: Store, secrets_config: SecretsConfig,
+        submission: SubmissionServer) -> None:
+    submission.password = "the-right-one"
+    await Mailboxes(team.db).connect(Account(
+        address="recruiter@example.com", provider="imap", owner="recruiter@example.com",
+        shared=False, visible_to=[], imap_host="127.0.0.1", imap_port=free_port(),
+        smtp_host="127.0.0.1", smtp_port=submission.port, security="none",
+        username="recruiter@example.com",
+        sealed_secret=Secrets.load(secrets_config).seal("a-wrong-one")))
+    item = await queue(team, "recruiter@example.com", [ADA], "Refused")
+    await gateway_factory(secrets=secrets_config)
+
+    async def refused() -> bool:
+        return "refused the login" in ((await status_of(team, item.id)).last_error or "")
+
+    await eventually(refused)
+    assert submission.messages == []
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_hosted_identity_mail_goes_through_the_upstream_dkim_signed(
+        gateway_factory: GatewayFactory, team: Store, secrets_config: SecretsConfig,
+        sink: Sink, tmp_path: Path) -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = tmp_path / "dkim.pem"
+    key_file.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()))
+    public = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    await Mailboxes(team.db).set_hosted_identity("recruiter@example.com",
+                                                 "rita@hosted.example")
+    item = await queue(team, "recruiter@example.com", [ADA], "From the ATS", candidate="C-1")
+    await gateway_factory(secrets=secrets_config, dkim=DkimConfig(
+        selector="ats", domain="hosted.example", key_file=key_file))
+
+    async def sent() -> bool:
+        return (await status_of(team, item.id)).status == "sent"
+
+    await eventually(sent)
+    delivered = sink.messages[0]
+    assert delivered.mail_from == "rita@hosted.example"
+    assert delivered.content.startswith(b"DKIM-Signature:")
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        import base64
+        assert name == b"ats._domainkey.hosted.example."
+        return b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+    assert dkim.verify(delivered.content, dnsfunc=dns)
+    threads = await team.threads("C-1")
+    assert [t.subject for t in threads] == ["From the ATS"]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_no_route_is_a_clear_error(team: Store, tmp_path: Path) -> None:
+    from atsmail.storage import UserError
+    with pytest.raises(UserError, match="no connected mailbox and no hosted identity"):
+        await Outbox(team.db).route("recruiter@example.com")
+
