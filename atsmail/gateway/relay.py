@@ -27,6 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from atsmail.config import Config
 from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
 from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
+from atsmail.rules.addresses import try_normalize
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
 from atsmail.storage.lookup import Directory, load_directory
 
@@ -203,23 +204,31 @@ class Relay:
         session.upstream = opened
         return opened
 
+    async def _begin(self, session: RelaySession, sender: str, options: list[str]) -> Reply:
+        """Open the upstream transaction (MAIL FROM) for this session."""
+        # Twice at most: a kept upstream connection may have been closed by
+        # the upstream while the client was idle.
+        for _ in range(2):
+            upstream = await self._upstream(session)
+            if isinstance(upstream, Reply):
+                return upstream
+            reply = await upstream.mail(sender, options)
+            if reply is not LOST:
+                return reply
+        return reply
+
     async def handle_MAIL(self, server: SMTP, session: RelaySession, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if self._allowed(session):
-            # Twice at most: a kept upstream connection may have been closed
-            # by the upstream while the client was idle.
-            for _ in range(2):
-                upstream = await self._upstream(session)
-                if isinstance(upstream, Reply):
-                    return str(upstream)
-                reply = await upstream.mail(address, mail_options)
-                if reply is not LOST:
-                    break
+            reply = await self._begin(session, address, mail_options)
             if not reply.ok:
                 return str(reply)
             status = str(reply)
         else:
-            # Refused per recipient (554 at RCPT), as MTAs expect of a relay.
+            # Other clients may only reach hosted identities (the gateway is
+            # their MX); anything else is refused per recipient at RCPT, as
+            # MTAs expect of a relay.
+            self.close_upstream(session)
             status = "250 2.1.0 Ok"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -227,13 +236,23 @@ class Relay:
 
     async def handle_RCPT(self, server: SMTP, session: RelaySession, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if not self._allowed(session):
+        normalized = try_normalize(address)
+        member = self.directory.hosted.get(normalized) if normalized else None
+        if member is None and not self._allowed(session):
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self.relay.max_recipients:
             return "452 4.5.3 Too many recipients"
-        if session.upstream is None:
-            return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
-        reply = await session.upstream.rcpt(address)
+        if session.upstream is None or not session.upstream.in_transaction:
+            if self._allowed(session):
+                return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
+            reply = await self._begin(session, str(envelope.mail_from),
+                                      list(envelope.mail_options))
+            if not reply.ok:
+                return str(reply)
+        assert session.upstream is not None
+        # Mail for a hosted identity is captured and handed on to the team
+        # member's own address.
+        reply = await session.upstream.rcpt(member or address)
         if reply.ok:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)

@@ -53,6 +53,11 @@ class UpstreamSession(Protocol):
     @property
     def usable(self) -> bool: ...
 
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL FROM was accepted and the transaction is not over yet."""
+        ...
+
     async def mail(self, sender: str, options: list[str]) -> Reply: ...
 
     async def rcpt(self, recipient: str) -> Reply: ...
@@ -91,6 +96,10 @@ class SmtpSession:
     @property
     def usable(self) -> bool:
         return self.client.is_connected
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_transaction and self.usable
 
     def _options(self, options: list[str]) -> list[str]:
         passed = []
@@ -155,12 +164,14 @@ class MaildirSession:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.in_transaction = False
 
     @property
     def usable(self) -> bool:
         return True
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
+        self.in_transaction = True
         return Reply(250, "2.1.0 Ok")
 
     async def rcpt(self, recipient: str) -> Reply:
@@ -172,6 +183,8 @@ class MaildirSession:
         except OSError as exc:
             log.error("cannot deliver into %s: %s", self.path, exc)
             return Reply(451, "4.3.0 Local delivery failed, try again later")
+        finally:
+            self.in_transaction = False
         return Reply(250, f"2.0.0 Ok: delivered as {key}")
 
     def _deliver(self, content: bytes) -> str:
@@ -188,7 +201,7 @@ class MaildirSession:
         return key
 
     async def reset(self) -> None:
-        pass
+        self.in_transaction = False
 
     async def close(self) -> None:
         pass

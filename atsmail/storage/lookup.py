@@ -8,8 +8,8 @@ relay's hot path.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, or_, select
 from sqlalchemy.engine import Connection
@@ -35,6 +35,8 @@ class Directory:
 
     team: frozenset[str] = frozenset()
     domains: frozenset[str] = frozenset()
+    # Hosted identities and the team member each belongs to.
+    hosted: Mapping[str, str] = field(default_factory=dict)
 
 
 # Built once: SQLAlchemy then reuses their compiled form on every message.
@@ -45,6 +47,8 @@ _TEAM = select(TeamMember.email).union(
     select(Mailbox.address).where(Mailbox.state != "disconnected"),
 )
 _DOMAINS = select(InternalDomain.domain)
+_HOSTED = (select(TeamMember.hosted_address, TeamMember.email)
+           .where(TeamMember.hosted_address.is_not(None)))
 _KNOWN = (
     select(CapturedMessage.message_id, CapturedMessage.thread_id, MessageCandidate.candidate_id)
     .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
@@ -66,7 +70,9 @@ _CANDIDATES = (
 
 def load_directory(conn: Connection) -> Directory:
     return Directory(team=frozenset(conn.scalars(_TEAM)),
-                     domains=frozenset(conn.scalars(_DOMAINS)))
+                     domains=frozenset(conn.scalars(_DOMAINS)),
+                     hosted={hosted: member for hosted, member in conn.execute(_HOSTED)
+                             if hosted})
 
 
 def known_messages(conn: Connection, message_ids: Collection[str]) -> dict[str, KnownMessage]:

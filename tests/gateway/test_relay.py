@@ -279,6 +279,27 @@ async def test_client_outside_allowed_networks_is_refused_at_rcpt(
     assert sink.messages == []
 
 
+async def test_mail_for_a_hosted_identity_is_accepted_from_anywhere_and_captured(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
+    import ipaddress
+
+    from atsmail.storage.mailboxes import Mailboxes
+    await Mailboxes(team.db).set_hosted_identity(RECRUITER, "rita@hosted.example")
+    gateway = await gateway_factory(allowed_networks=(ipaddress.ip_network("127.0.0.1/32"),))
+    reply = make_mail(ADA, "rita@hosted.example", "Re: Interview")
+    # From outside the allowed networks, as the Internet reaches an MX.
+    result = await smtp_send(gateway.relay.port, reply, ADA,
+                             ["rita@hosted.example", "someone@example.com"], source="127.0.0.2")
+    assert result.rcpt["rita@hosted.example"][0] == 250
+    assert result.rcpt["someone@example.com"][0] == 554
+    assert result.code == 250
+    # Handed on to the member's own address, and captured on the candidate.
+    assert [(m.mail_from, m.rcpt_tos) for m in sink.messages] == [(ADA, [RECRUITER])]
+    threads = await team.threads("C-1")
+    assert [t.subject for t in threads] == ["Re: Interview"]
+    assert (await team.thread(threads[0].id)).messages[0]["direction"] == "inbound"
+
+
 async def test_null_sender_bounce_is_relayed(relay: Gateway, sink: Sink) -> None:
     raw = make_mail("MAILER-DAEMON@example.com", ADA, "Undelivered Mail Returned to Sender")
     assert await send(relay, raw, "", [ADA]) == 250
