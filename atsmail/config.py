@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from atsmail.rules.addresses import AddressError, normalize_address
+
 DEFAULT_PATH = "atsmail.toml"
 ENV_VAR = "ATSMAIL_CONFIG"
 
@@ -68,6 +70,8 @@ class RelayConfig:
 @dataclass(frozen=True)
 class CaptureConfig:
     capture_forwards: bool = True
+    # Mail forwarded to this address makes the original's sender a candidate.
+    ats_inbox: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             "idle_timeout", "shutdown_grace",
         },
     )
-    capture = reader.table(data, "capture", {"capture_forwards"})
+    capture = reader.table(data, "capture", {"capture_forwards", "ats_inbox"})
     secrets = reader.table(data, "secrets", {"key_file", "key_env"})
     mirror = reader.table(data, "mirror", {
         "enabled", "poll_interval", "command_timeout", "reconnect_max", "backfill_imap_days",
@@ -193,6 +197,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         capture=CaptureConfig(
             capture_forwards=reader.get(capture, "capture.capture_forwards", bool, bool,
                                         CaptureConfig.capture_forwards),
+            ats_inbox=reader.get(capture, "capture.ats_inbox", str, _address, ""),
         ),
         secrets=SecretsConfig(
             key_file=reader.get(secrets, "secrets.key_file", str,
@@ -275,6 +280,15 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
              "list": "a list"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _address(value: str) -> str:
+    if not value:
+        return ""
+    try:
+        return normalize_address(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _positive(value: int) -> int:

@@ -231,6 +231,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     capture_forwards = relay.pop("capture_forwards", True)
+    ats_inbox = relay.pop("ats_inbox", "")
     mirror: MirrorConfig = relay.pop("mirror", MirrorConfig(enabled=False))
     secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
     dkim: DkimConfig = relay.pop("dkim", DkimConfig())
@@ -238,7 +239,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
                       upstream=upstream, upstream_timeout=5, **relay),
-        capture=CaptureConfig(capture_forwards=capture_forwards),
+        capture=CaptureConfig(capture_forwards=capture_forwards, ats_inbox=ats_inbox),
         secrets=secrets,
         mirror=mirror,
         dkim=dkim,

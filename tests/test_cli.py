@@ -187,7 +187,7 @@ def test_explain_prints_the_whole_trace(cli: Cli, tmp_path: Path) -> None:
         True, ["C-1"], "new")
     assert [t["rule"] for t in explained["trace"]] == [
         "bulk", "direction", "team-scope", "thread-link", "candidate-match", "forward",
-        "archived-jobs"]
+        "ats-inbox", "archived-jobs"]
     assert all(t["verdict"] in ("hit", "miss") and t["reasons"] for t in explained["trace"])
 
     mail.write_bytes(make_mail("someone@else.test", "friend@example.com", "Hi"))

@@ -313,6 +313,7 @@ class Relay:
 
     async def _decide(self, facts: MessageFacts) -> Decision:
         forwards = self.config.capture.capture_forwards
+        inbox = self.config.capture.ats_inbox
         directory = self.directory
         # Most company mail is settled by the headers and the directory alone
         # (bulk, or no team member taking part): no store read for it.
@@ -320,9 +321,21 @@ class Relay:
                                       capture_forwards=forwards), stop_at_veto=True)
         if quick.vetoed:
             return quick
-        context = await self.store.db.run(
-            lambda conn: lookup.context_for(conn, facts, directory, forwards), write=False)
-        return decide(facts, context)
+
+        async def full() -> Decision:
+            context = await self.store.db.run(lambda conn: lookup.context_for(
+                conn, facts, directory, forwards, ats_inbox=inbox), write=False)
+            return decide(facts, context)
+
+        decision = await full()
+        if decision.intake is not None:
+            # A CV forwarded to the ATS inbox: its sender becomes a candidate,
+            # then the message is judged again and lands on them.
+            address, name = decision.intake
+            await self.store.intake_candidate(address, name, inbox,
+                                              facts.from_[0] if facts.from_ else "")
+            decision = await full()
+        return decision
 
     async def _read(self, raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
         if len(raw) > PARSE_IN_THREAD_ABOVE:

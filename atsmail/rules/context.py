@@ -45,6 +45,8 @@ class Context:
     capture_forwards: bool = True
     # The role of the mailbox folder the message was found in (mirror only).
     folder_role: str | None = None
+    # The ATS's own inbox address: forwards to it become candidates.
+    ats_inbox: str | None = None
 
     def is_internal(self, address: str) -> bool:
         """A team member's address, or one in an internal domain or a subdomain of one."""

@@ -36,6 +36,8 @@ class Verdict:
     thread_id: int | None = None
     # The message must start a thread of its own (a forward).
     new_thread: bool = False
+    # (address, name) of a new candidate to create from this message.
+    intake: tuple[str, str] | None = None
 
 
 class Rule(Protocol):
@@ -66,6 +68,8 @@ class Decision:
     # The rules that settled the outcome: those that vetoed it, else the hits.
     deciding_rules: tuple[str, ...] = ()
     vetoed: bool = False
+    # A candidate to create before the message can be captured on them.
+    intake: tuple[str, str] | None = None
 
     @property
     def thread(self) -> Literal["new", "existing"] | None:
@@ -85,6 +89,7 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
     direction: Direction = "inbound"
     thread_id: int | None = None
     new_thread = False
+    intake: tuple[str, str] | None = None
 
     for rule in rules:
         verdict = rule.check(msg, ctx)
@@ -99,6 +104,7 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
         for candidate in sorted(verdict.candidates):
             candidates.setdefault(candidate, None)
         excluded |= verdict.excluded
+        intake = intake or verdict.intake
         if verdict.new_thread:
             new_thread = True
         elif verdict.thread_id is not None and thread_id is None:
@@ -114,4 +120,5 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
         trace=tuple(trace),
         deciding_rules=tuple(vetoes) or tuple(t.rule for t in trace if t.verdict == "hit"),
         vetoed=bool(vetoes),
+        intake=None if vetoes else intake,
     )

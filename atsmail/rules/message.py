@@ -59,6 +59,8 @@ _BLOCK_ADDRESS_FIELDS = re.compile(
     r"^[ \t>]*\*?(?:from|von|de|da|van|to|an|[àa]|pour|para|aan|cc|kopie)\s*:\*?\s*(.+)$",
     re.IGNORECASE | re.MULTILINE,
 )
+_BLOCK_FROM = re.compile(r"^[ \t>]*\*?(?:from|von|de|da|van)\s*:\*?\s*(.+)$",
+                         re.IGNORECASE | re.MULTILINE)
 # How far below a marker the forwarded header block may reach.
 _BLOCK_SPAN = 1500
 # Plain text longer than this is not searched for inline forwards.
@@ -74,6 +76,9 @@ class Forward:
     inline: bool = False
     original_addresses: tuple[str, ...] = ()
     original_message_ids: tuple[str, ...] = ()
+    # Who wrote the forwarded original, and the name they gave.
+    original_sender: str | None = None
+    original_name: str = ""
 
     @property
     def is_forward(self) -> bool:
@@ -279,9 +284,11 @@ def _read_forward(msg: Message, subject: str) -> Forward:
     addresses: list[str] = []
     message_ids: list[str] = []
     attached = False
+    senders: list[tuple[str, str]] = []
     for original in _attached_messages(msg):
         attached = True
         reader = _HeaderReader(original, defects)
+        senders.extend(_named(reader.text("From")))
         for name in ("From", "To", "Cc", "Reply-To"):
             addresses.extend(reader.addresses(name))
         message_ids.extend(reader.message_ids("Message-ID"))
@@ -298,6 +305,7 @@ def _read_forward(msg: Message, subject: str) -> Forward:
             block = text[mark.end():mark.end() + _BLOCK_SPAN].lstrip("\n").split("\n\n", 1)[0]
             for line in _BLOCK_ADDRESS_FIELDS.findall(block):
                 addresses.extend(addresses_in_text(line))
+            senders.extend(_named(" ".join(_BLOCK_FROM.findall(block)[:1])))
 
     return Forward(
         subject_prefix=bool(_FORWARD_SUBJECT.match(subject)),
@@ -305,7 +313,20 @@ def _read_forward(msg: Message, subject: str) -> Forward:
         inline=inline,
         original_addresses=tuple(dict.fromkeys(addresses)),
         original_message_ids=tuple(dict.fromkeys(message_ids)),
+        original_sender=senders[0][1] if senders else None,
+        original_name=senders[0][0] if senders else "",
     )
+
+
+def _named(text: str) -> list[tuple[str, str]]:
+    """(name, address) pairs in a From text, also in Outlook's "Name [mailto:a@b]" form."""
+    text = re.sub(r"\[mailto:([^\]]+)\]", r"<\1>", text)
+    found = []
+    for name, address in getaddresses([text]):
+        normalized = try_normalize(address)
+        if normalized:
+            found.append((" ".join(name.strip(" '\"").split()), normalized))
+    return found
 
 
 def _leaf_parts(msg: Message) -> Iterator[Message]:

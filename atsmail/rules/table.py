@@ -147,6 +147,31 @@ class ForwardOfCandidate:
                        candidates=frozenset(found), new_thread=True)
 
 
+class AtsInbox:
+    name = "ats-inbox"
+    description = ("Mail forwarded to the ATS inbox address makes the forwarded original's "
+                   "sender a candidate.")
+
+    def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
+        inbox = ctx.ats_inbox
+        if not inbox or inbox not in (*msg.envelope_recipients, *msg.to, *msg.cc):
+            return Verdict(False, ("not addressed to the ATS inbox",))
+        fwd = msg.forward
+        sender = fwd.original_sender
+        if not fwd.is_forward or sender is None:
+            return Verdict(False, (f"mail to {inbox} that forwards no one's mail: no "
+                                   "candidate to create",))
+        if ctx.is_internal(sender):
+            return Verdict(False, (f"the forwarded original is from internal {sender}",))
+        known = ctx.candidates_for(sender)
+        if known:
+            return Verdict(True, (f"forwarded to {inbox}: {sender} is already candidate "
+                                  f"{_names(known)}",),
+                           candidates=frozenset(c.id for c in known), new_thread=True)
+        return Verdict(True, (f"forwarded to {inbox}: {sender} becomes a new candidate",),
+                       intake=(sender, fwd.original_name), new_thread=True)
+
+
 class ArchivedJobs:
     name = "archived-jobs"
     description = "A candidate whose every job is archived is no longer captured for."
@@ -166,5 +191,6 @@ RULES: tuple[Rule, ...] = (
     ThreadLink(),
     CandidateMatch(),
     ForwardOfCandidate(),
+    AtsInbox(),
     ArchivedJobs(),
 )

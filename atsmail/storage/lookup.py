@@ -110,7 +110,8 @@ def candidate_infos(conn: Connection, addresses: Collection[str],
 
 
 def context_for(conn: Connection, facts: MessageFacts, directory: Directory | None,
-                capture_forwards: bool, folder_role: str | None = None) -> Context:
+                capture_forwards: bool, folder_role: str | None = None,
+                ats_inbox: str | None = None) -> Context:
     """The rules' context for one message; `directory` None reads it fresh."""
     directory = directory or load_directory(conn)
     known = known_messages(conn, facts.thread_ids)
@@ -123,4 +124,5 @@ def context_for(conn: Connection, facts: MessageFacts, directory: Directory | No
         known_messages=known,
         capture_forwards=capture_forwards,
         folder_role=folder_role,
+        ats_inbox=ats_inbox or None,
     )

@@ -8,6 +8,7 @@ that says which address went and why.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -234,6 +235,27 @@ class Store:
             await candidates.delete(candidate_id)
         await self.db.checkpoint()
         return erased
+
+    async def intake_candidate(self, address: str, name: str, inbox: str,
+                               forwarded_by: str) -> str:
+        """The candidate for a CV forwarded to the ATS inbox, created when new.
+
+        The id is derived from the address, so a retried message finds the
+        candidate its first attempt made.
+        """
+        address = checked_address(address)
+        candidate_id = "inbox-" + hashlib.sha256(address.encode()).hexdigest()[:10]
+        async with self.db.write() as session:
+            candidates = CandidateRepository(session)
+            existing = await candidates.emails_matching(CandidateEmail.email == address)
+            if existing:
+                return existing[0][0]
+            if await candidates.get(candidate_id) is None:
+                await candidates.add(candidate_id, name or address, [address], [])
+                await candidates.add_notice(
+                    candidate_id, f"Created from mail that {forwarded_by or 'someone'} "
+                    f"forwarded to the ATS inbox {inbox}.")
+        return candidate_id
 
     # --- what the rules need, and what was captured ------------------------
 

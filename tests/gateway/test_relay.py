@@ -300,6 +300,37 @@ async def test_mail_for_a_hosted_identity_is_accepted_from_anywhere_and_captured
     assert (await team.thread(threads[0].id)).messages[0]["direction"] == "inbound"
 
 
+def forwarded_cv(sender: str, to: str, original_from: str) -> bytes:
+    original = make_mail(original_from, "jobs@example.com", "Application: Backend Engineer",
+                         "Please find my CV attached.\n", message_id="<cv-neo@applicant.test>")
+    outer = (f"From: {sender}\r\nTo: {to}\r\nSubject: Fwd: Application: Backend Engineer\r\n"
+             "Message-ID: <fwd-neo@example.com>\r\nMIME-Version: 1.0\r\n"
+             'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+             "--b\r\nContent-Type: text/plain\r\n\r\nNew CV for the pipeline.\r\n"
+             "--b\r\nContent-Type: message/rfc822\r\n\r\n").encode()
+    return outer + crlf(original) + b"\r\n--b--\r\n"
+
+
+async def test_a_cv_forwarded_to_the_ats_inbox_becomes_a_candidate(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
+    gateway = await gateway_factory(ats_inbox="ats@example.com")
+    raw = forwarded_cv(RECRUITER, "ats@example.com", "Neo Applicant <neo@applicant.test>")
+    for _ in range(2):  # a retry creates nothing twice
+        assert await send(gateway, raw, RECRUITER, ["ats@example.com"]) == 250
+    created = [c for c in await team.candidates() if c.id.startswith("inbox-")]
+    assert [(c.name, c.emails) for c in created] == [("Neo Applicant", ["neo@applicant.test"])]
+    assert "forwarded to the ATS inbox ats@example.com" in created[0].notices[0][0]
+    threads = await team.threads(created[0].id)
+    assert [(t.subject, t.message_count) for t in threads] == [
+        ("Fwd: Application: Backend Engineer", 1)]
+    # Forwarding an existing candidate's CV files it on them instead.
+    again = forwarded_cv(RECRUITER, "ats@example.com", f"Ada <{ADA}>").replace(
+        b"fwd-neo", b"fwd-ada").replace(b"cv-neo", b"cv-ada")
+    assert await send(gateway, again, RECRUITER, ["ats@example.com"]) == 250
+    assert len(await team.candidates()) == 3
+    assert len(await team.threads("C-1")) == 1
+
+
 async def test_null_sender_bounce_is_relayed(relay: Gateway, sink: Sink) -> None:
     raw = make_mail("MAILER-DAEMON@example.com", ADA, "Undelivered Mail Returned to Sender")
     assert await send(relay, raw, "", [ADA]) == 250

@@ -675,21 +675,27 @@ def test_rule_table() -> None:
 @pytest.mark.parametrize(("msg", "verdicts"), [
     pytest.param(Msg({"From": ADA, "To": RITA}),
                  {"bulk": M, "direction": M, "team-scope": H, "thread-link": M,
-                  "candidate-match": H, "forward": M, "archived-jobs": M}, id="inbound-capture"),
+                  "candidate-match": H, "forward": M, "ats-inbox": M,
+                  "archived-jobs": M}, id="inbound-capture"),
     pytest.param(Msg({"From": RITA, "To": ADA, "In-Reply-To": "<m1@applicant.test>"}),
                  {"bulk": M, "direction": H, "team-scope": H, "thread-link": H,
-                  "candidate-match": H, "forward": M, "archived-jobs": M}, id="outbound-reply"),
+                  "candidate-match": H, "forward": M, "ats-inbox": M,
+                  "archived-jobs": M}, id="outbound-reply"),
     pytest.param(Msg(fixture="forward_gmail_inline.eml"),
                  {"bulk": M, "direction": H, "team-scope": H, "thread-link": M,
-                  "candidate-match": M, "forward": H, "archived-jobs": M}, id="forward"),
+                  "candidate-match": M, "forward": H, "ats-inbox": M,
+                  "archived-jobs": M}, id="forward"),
     pytest.param(Msg({"From": ADA, "To": RITA, "List-Id": "<l.test>"}),
                  {"bulk": H, "direction": M, "team-scope": H, "thread-link": M,
-                  "candidate-match": H, "forward": M, "archived-jobs": M}, id="bulk-veto"),
+                  "candidate-match": H, "forward": M, "ats-inbox": M,
+                  "archived-jobs": M}, id="bulk-veto"),
     pytest.param(Msg({"From": "archie@old.test", "To": "bob@example.com"}),
                  {"bulk": M, "direction": M, "team-scope": M, "thread-link": M,
-                  "candidate-match": H, "forward": M, "archived-jobs": H}, id="nothing-captured"),
+                  "candidate-match": H, "forward": M, "ats-inbox": M,
+                  "archived-jobs": H}, id="nothing-captured"),
     pytest.param(Msg(), {"bulk": M, "direction": M, "team-scope": M, "thread-link": M,
-                         "candidate-match": M, "forward": M, "archived-jobs": M},
+                         "candidate-match": M, "forward": M, "ats-inbox": M,
+                  "archived-jobs": M},
                  id="empty-message"),
 ])
 def test_trace_has_every_rule_once_in_order(msg: Msg, verdicts: dict[str, str]) -> None:
@@ -815,3 +821,37 @@ def test_decide_runs_the_standard_table() -> None:
     facts = read_message(mail({"From": ADA, "To": RITA}))
     ctx = context_for(facts)
     assert decide(facts, ctx) == evaluate(facts, ctx, RULES)
+
+
+def _to_inbox(original_from: str, forward: bool = True) -> bytes:
+    body = (f"---------- Forwarded message ---------\nFrom: {original_from}\n"
+            "Subject: Application\n\nMy CV.\n") if forward else "Hello ATS\n"
+    return (f"From: recruiter@example.com\r\nTo: ats@example.com\r\n"
+            f"Subject: {'Fwd: ' if forward else ''}Application\r\n\r\n{body}").encode()
+
+
+@pytest.mark.parametrize(("raw", "inbox", "intake", "verdict", "reason"), [
+    pytest.param(_to_inbox("Neo Applicant <neo@applicant.test>"), "ats@example.com",
+                 ("neo@applicant.test", "Neo Applicant"), "hit", "becomes a new candidate",
+                 id="new-sender-becomes-a-candidate"),
+    pytest.param(_to_inbox("Ada <ada@applicant.test>"), "ats@example.com", None, "hit",
+                 "already candidate C-1", id="known-sender-is-captured-on-them"),
+    pytest.param(_to_inbox("Colleague <bob@example.com>"), "ats@example.com", None, "miss",
+                 "internal", id="internal-original-is-no-candidate"),
+    pytest.param(_to_inbox("x", forward=False), "ats@example.com", None, "miss",
+                 "forwards no one", id="not-a-forward"),
+    pytest.param(_to_inbox("Neo <neo@applicant.test>"), None, None, "miss",
+                 "not addressed to the ATS inbox", id="no-inbox-configured"),
+])
+def test_ats_inbox(raw: bytes, inbox: str | None, intake: tuple[str, str] | None,
+                   verdict: str, reason: str) -> None:
+    from atsmail.rules import CandidateInfo, Context, decide, read_message
+    facts = read_message(raw, "recruiter@example.com", ["ats@example.com"])
+    ada = CandidateInfo("C-1", "Ada", frozenset({"ada@applicant.test"}))
+    context = Context(internal_domains=frozenset({"example.com"}),
+                      team=frozenset({"recruiter@example.com"}),
+                      candidates={"C-1": ada}, ats_inbox=inbox)
+    decision = decide(facts, context)
+    entry = next(t for t in decision.trace if t.rule == "ats-inbox")
+    assert entry.verdict == verdict and reason in " ".join(entry.reasons)
+    assert decision.intake == intake
