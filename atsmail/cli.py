@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from atsmail.config import Config, ConfigError, find_config_path, load_config, parse_host_port
 from atsmail.gateway.sender import compose
@@ -64,9 +65,16 @@ def _run(ctx: click.Context, work: Callable[[Store], Awaitable[T]],
     except UserError as exc:
         raise click.ClickException(str(exc)) from None
     except (SQLAlchemyError, OSError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise click.ClickException(
-            f"cannot use the store at {config.storage.url}: {detail}") from None
+        raise click.ClickException(_store_problem(config, exc)) from None
+
+
+def _store_problem(config: Config, exc: Exception) -> str:
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        where = make_url(config.storage.url).render_as_string(hide_password=True)
+    except ArgumentError:
+        where = "the configured storage.url"
+    return f"cannot use the store at {where}: {detail}"
 
 
 def _print_json(data: Any) -> None:
@@ -127,6 +135,8 @@ def serve(ctx: click.Context, verbose: bool) -> None:
         asyncio.run(run_gateway(config))
     except UserError as exc:
         raise click.ClickException(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise click.ClickException(_store_problem(config, exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
 

@@ -60,6 +60,8 @@ class RelaySession(Session):
         self.upstream: UpstreamSession | None = None
         # The message being handed on, which a client hanging up must not cut.
         self.delivery: asyncio.Task[str] | None = None
+        # RCPT commands in the current transaction.
+        self.rcpt_attempts = 0
 
 
 class RelayProtocol(SMTP):
@@ -232,6 +234,7 @@ class Relay:
             status = "250 2.1.0 Ok"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        session.rcpt_attempts = 0
         return status
 
     async def handle_RCPT(self, server: SMTP, session: RelaySession, envelope: Envelope,
@@ -240,7 +243,10 @@ class Relay:
         member = self.directory.hosted.get(normalized) if normalized else None
         if member is None and not self._allowed(session):
             return f"554 5.7.1 <{address}>: Relay access denied"
-        if len(envelope.rcpt_tos) >= self.relay.max_recipients:
+        # Every attempt counts, accepted or not: no recipient floods or
+        # address harvesting through the upstream.
+        session.rcpt_attempts += 1
+        if session.rcpt_attempts > self.relay.max_recipients:
             return "452 4.5.3 Too many recipients"
         if session.upstream is None or not session.upstream.in_transaction:
             if self._allowed(session):

@@ -12,7 +12,11 @@ import re
 from collections.abc import Collection
 
 _SPACE = re.compile(r"\s")
-_LOOSE_ADDRESS = re.compile(r"[^\s<>()\[\]\"',;:]+@[^\s<>()\[\]\"',;:]+\.[^\s<>()\[\]\"',;:]+")
+# Bounded and anchored at a separator, so that hostile text cannot make the
+# search quadratic.
+_LOOSE_ADDRESS = re.compile(
+    r"(?<![^\s<>()\[\]\"',;:])[^\s<>()\[\]\"',;:@]{1,64}@"
+    r"[^\s<>()\[\]\"',;:@]{1,253}\.[^\s<>()\[\]\"',;:@.]{1,63}")
 
 
 class AddressError(ValueError):

@@ -61,6 +61,8 @@ _BLOCK_ADDRESS_FIELDS = re.compile(
 )
 _BLOCK_FROM = re.compile(r"^[ \t>]*\*?(?:from|von|de|da|van)\s*:\*?\s*(.+)$",
                          re.IGNORECASE | re.MULTILINE)
+# Forwarded blocks read in one message: a bound on hostile input.
+_MAX_BLOCKS = 20
 # How far below a marker the forwarded header block may reach.
 _BLOCK_SPAN = 1500
 # Plain text longer than this is not searched for inline forwards.
@@ -180,6 +182,7 @@ def read_message(
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _UNDECODABLE = (HeaderParseError, LookupError, UnicodeError, ValueError)
 # Decoding RFC 2047 words takes time quadratic in the header's length.
 _DECODE_LIMIT = 64 * 1024
@@ -232,7 +235,8 @@ class _HeaderReader:
                 value = _decode_words(value)
             except _UNDECODABLE:
                 self.defects.append(f"{name}: undecodable encoded word")
-        return " ".join(value.replace("\x00", "").split())
+        # Control characters (terminal escapes) never reach a screen or a log.
+        return " ".join(_CONTROL.sub("", value).split())
 
     def addresses(self, name: str) -> tuple[str, ...]:
         found: list[str] = []
@@ -265,10 +269,13 @@ class _HeaderReader:
             return None
         try:
             parsed = parsedate_to_datetime(value)
+            parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            # Out-of-range dates (year 9999 at -12:00) cannot be stored in UTC.
+            parsed.astimezone(UTC)
         except (TypeError, ValueError, IndexError, OverflowError):
             self.defects.append("Date: unparseable")
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return parsed
 
 
 def _might_forward(subject: str, raw: bytes) -> bool:
@@ -300,7 +307,7 @@ def _read_forward(msg: Message, subject: str) -> Forward:
         inline = bool(forward_marks)
         marks = forward_marks or (
             list(_ORIGINAL_MARKERS.finditer(text)) if _FORWARD_SUBJECT.match(subject) else [])
-        for mark in marks:
+        for mark in marks[:_MAX_BLOCKS]:
             # The forwarded header block ends at its first blank line.
             block = text[mark.end():mark.end() + _BLOCK_SPAN].lstrip("\n").split("\n\n", 1)[0]
             for line in _BLOCK_ADDRESS_FIELDS.findall(block):
@@ -373,5 +380,5 @@ def _first_text(msg: Message) -> str:
     text = text.replace("\r\n", "\n")
     if part.get_content_subtype() == "html":
         text = re.sub(r"<br\s*/?>|</(?:p|div)>", "\n", text, flags=re.IGNORECASE)
-        text = html.unescape(re.sub(r"<[^>]+>", "", text))
+        text = html.unescape(re.sub(r"<[^<>]*>", "", text))
     return text

@@ -50,9 +50,11 @@ class Capture:
 @dataclass(frozen=True)
 class Prepared:
     pk: int
-    # False when the message was already stored (a retry, or seen elsewhere):
-    # such a copy is never removed by this attempt's failure.
+    # False when the message was already stored (a retry, or seen elsewhere).
     created: bool
+    # This attempt holds the pending copy: its discard counts, and the copy
+    # goes only when no attempt holds it any more and none confirmed it.
+    held: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class CaptureWriter:
         await self._submit(_Operation("confirm", pk=prepared.pk))
 
     async def discard(self, prepared: Prepared) -> None:
-        if prepared.created:
+        if prepared.held:
             await self._submit(_Operation("discard", pk=prepared.pk))
 
     async def _submit(self, operation: _Operation) -> Any:
@@ -134,8 +136,13 @@ class CaptureWriter:
 
 
 # Built once: SQLAlchemy then reuses their compiled form on every group.
-_FIND = (select(CapturedMessage.capture_key, CapturedMessage.id)
+_FIND = (select(CapturedMessage.capture_key, CapturedMessage.id, CapturedMessage.state)
          .where(CapturedMessage.capture_key.in_(bindparam("keys", expanding=True))))
+_HOLD = (update(CapturedMessage)
+         .where(CapturedMessage.id == bindparam("pk"), CapturedMessage.state == "pending")
+         .values(holders=CapturedMessage.holders + 1))
+_LINKS_OF = (select(MessageCandidate.message_pk, MessageCandidate.candidate_id)
+             .where(MessageCandidate.message_pk.in_(bindparam("pks", expanding=True))))
 _LIVE_THREADS = select(Thread.id).where(Thread.id.in_(bindparam("ids", expanding=True)))
 _TOUCH = (update(Thread)
           .where(Thread.id == bindparam("tid"), Thread.last_date < bindparam("when"))
@@ -150,7 +157,12 @@ _CONFIRM = (update(CapturedMessage)
             .where(CapturedMessage.id.in_(bindparam("pks", expanding=True)))
             .values(state="confirmed"))
 _THREAD_OF = select(CapturedMessage.thread_id).where(CapturedMessage.id == bindparam("pk"))
-_DELETE = delete(CapturedMessage).where(CapturedMessage.id == bindparam("pk"))
+_RELEASE = (update(CapturedMessage)
+            .where(CapturedMessage.id == bindparam("pk"), CapturedMessage.state == "pending")
+            .values(holders=CapturedMessage.holders - 1))
+_DELETE = delete(CapturedMessage).where(CapturedMessage.id == bindparam("pk"),
+                                        CapturedMessage.state == "pending",
+                                        CapturedMessage.holders <= 0)
 _THREAD_USED = select(exists().where(CapturedMessage.thread_id == bindparam("tid")))
 _DELETE_THREAD = delete(Thread).where(Thread.id == bindparam("tid"))
 
@@ -179,7 +191,12 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
              results: list[Prepared | None]) -> None:
     """Store pending copies, or find those a retry (or another source) stored."""
     keys = {c.facts.capture_key for _, c in prepares}
-    stored: dict[str, int] = {key: pk for key, pk in conn.execute(_FIND, {"keys": list(keys)})}
+    stored: dict[str, int] = {}
+    pending: set[int] = set()
+    for key, pk, state in conn.execute(_FIND, {"keys": list(keys)}):
+        stored[key] = pk
+        if state == "pending":
+            pending.add(pk)
     first_of: dict[str, int] = {}
     new: list[tuple[int, Capture]] = []
     for i, capture in prepares:
@@ -203,15 +220,26 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
             thread_of.update(zip((i for i, _ in opening), ids, strict=True))
         pks = conn.execute(_NEW_MESSAGES, [
             _message_row(c, thread_of[i], when[i]) for i, c in new]).scalars().all()
-        conn.execute(_LINK, [{"message_pk": pk, "candidate_id": candidate}
-                             for (_, c), pk in zip(new, pks, strict=True)
-                             for candidate in c.decision.candidates])
         for (i, c), pk in zip(new, pks, strict=True):
             stored[c.facts.capture_key] = pk
             results[i] = Prepared(pk, created=True)
     for i, capture in prepares:
         if results[i] is None:
-            results[i] = Prepared(stored[capture.facts.capture_key], created=False)
+            pk = stored[capture.facts.capture_key]
+            # Another attempt's copy: held too while it is pending, so that
+            # the other attempt's failure cannot take it from this one.
+            if pk in pending:
+                conn.execute(_HOLD, {"pk": pk})
+            results[i] = Prepared(pk, created=False, held=pk in pending)
+    # A copy seen again may concern more candidates (an MTA splits one
+    # message's recipients over transactions): link the ones it lacks.
+    wanted_links = {(stored[c.facts.capture_key], candidate)
+                    for _, c in prepares for candidate in c.decision.candidates}
+    have_links = {(pk, candidate) for pk, candidate in conn.execute(
+        _LINKS_OF, {"pks": list({pk for pk, _ in wanted_links})})}
+    if wanted_links - have_links:
+        conn.execute(_LINK, [{"message_pk": pk, "candidate_id": candidate}
+                             for pk, candidate in sorted(wanted_links - have_links)])
     # The same message seen again (a retry, a Sent copy the relay also saw)
     # is stored once and gains the new source.
     seen = {(stored[c.facts.capture_key], c.source, c.mailbox) for _, c in prepares}
@@ -245,6 +273,7 @@ def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, 
 
 def _discard(conn: Connection, pk: int) -> None:
     thread_id = conn.scalar(_THREAD_OF, {"pk": pk})
+    conn.execute(_RELEASE, {"pk": pk})
     conn.execute(_DELETE, {"pk": pk})
     if thread_id is not None and not conn.scalar(_THREAD_USED, {"tid": thread_id}):
         conn.execute(_DELETE_THREAD, {"tid": thread_id})

@@ -57,7 +57,7 @@ _KNOWN = (
 _EMAILS = aliased(CandidateEmail)
 _CANDIDATES = (
     select(Candidate.id, Candidate.name, _EMAILS.email, Job.id, Job.archived)
-    .join(_EMAILS, _EMAILS.candidate_id == Candidate.id)
+    .outerjoin(_EMAILS, _EMAILS.candidate_id == Candidate.id)
     .outerjoin(CandidateJob, CandidateJob.candidate_id == Candidate.id)
     .outerjoin(Job, Job.id == CandidateJob.job_id)
     .where(or_(
@@ -66,6 +66,10 @@ _CANDIDATES = (
         Candidate.id.in_(bindparam("ids", expanding=True)),
     ))
 )
+
+
+# Values per IN list: PostgreSQL takes at most 32,767 parameters a statement.
+_CHUNK = 5000
 
 
 def load_directory(conn: Connection) -> Directory:
@@ -81,7 +85,8 @@ def known_messages(conn: Connection, message_ids: Collection[str]) -> dict[str, 
         return {}
     threads: dict[str, int] = {}
     candidates: dict[str, set[str]] = defaultdict(set)
-    for message_id, thread_id, candidate_id in conn.execute(_KNOWN, {"ids": list(message_ids)}):
+    ids = list(message_ids)[:_CHUNK]  # the newest references are looked at first anyway
+    for message_id, thread_id, candidate_id in conn.execute(_KNOWN, {"ids": ids}):
         assert message_id is not None
         threads.setdefault(message_id, thread_id)
         candidates[message_id].add(candidate_id)
@@ -96,10 +101,14 @@ def candidate_infos(conn: Connection, addresses: Collection[str],
     names: dict[str, str] = {}
     found_emails: dict[str, set[str]] = defaultdict(set)
     jobs: dict[str, dict[str, bool]] = defaultdict(dict)
-    rows = conn.execute(_CANDIDATES, {"addresses": list(addresses), "ids": list(ids)})
+    wanted, known = list(addresses), list(ids)
+    rows = [row for start in range(0, max(len(wanted), len(known), 1), _CHUNK)
+            for row in conn.execute(_CANDIDATES, {"addresses": wanted[start:start + _CHUNK],
+                                                  "ids": known[start:start + _CHUNK]})]
     for cid, name, email, job_id, archived in rows:
         names[cid] = name
-        found_emails[cid].add(email)
+        if email is not None:  # every address may have been removed as internal
+            found_emails[cid].add(email)
         if job_id is not None:
             jobs[cid][job_id] = bool(archived)
     return {

@@ -158,6 +158,8 @@ class CapturedMessage(Base):
     size: Mapped[int] = mapped_column(Integer, default=0)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     trace: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # Attempts holding a pending copy (concurrent retries of one message).
+    holders: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -207,3 +207,46 @@ async def test_migrations_build_exactly_the_models(store: Store) -> None:
         differences = await conn.run_sync(
             lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata))
     assert differences == []
+
+
+@pytest.mark.parametrize("order", ["confirm-then-discard", "discard-then-confirm"])
+async def test_a_failed_attempt_never_takes_a_copy_another_attempt_delivered(
+        team: Store, order: str) -> None:
+    raw = make_mail(RECRUITER, "ada@applicant.test", "Raced")
+    facts = read_message(raw)
+    item = Capture(facts, decide(facts, await team.context_for(facts, True)), raw, "relay")
+    writer = CaptureWriter(team.db)
+    await writer.start()
+    first = await writer.prepare(item)     # the attempt whose upstream will say 451
+    second = await writer.prepare(item)    # the MTA's retry, which gets a 250
+    assert (first.created, second.created, second.held) == (True, False, True)
+    if order == "confirm-then-discard":
+        await writer.confirm(second)
+        await writer.discard(first)
+    else:
+        await writer.discard(first)
+        await writer.confirm(second)
+    await writer.stop()
+    assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+async def test_a_message_split_over_transactions_is_linked_to_every_candidate(
+        team: Store) -> None:
+    raw = make_mail(RECRUITER, ["ada@applicant.test", "grace@candidates.test"], "Split")
+    writer = CaptureWriter(team.db)
+    await writer.start()
+    for rcpt in ("grace@candidates.test", "ada@applicant.test"):
+        # Each transaction names one candidate (the other is Bcc'd elsewhere).
+        facts = read_message(raw.replace(b"To: ", b"X-Was-To: "), RECRUITER, [rcpt])
+        decision = decide(facts, await team.context_for(facts, True))
+        await writer.confirm(await writer.prepare(Capture(facts, decision, raw, "relay")))
+    await writer.stop()
+    assert len(await team.threads("C-1")) == 1 and len(await team.threads("C-2")) == 1
+
+
+async def test_a_candidate_whose_every_address_went_internal_still_shows(team: Store) -> None:
+    await team.add_candidate("E-1", "Employee Applicant", ["emp@corp.test"])
+    await team.add_domain("corp.test")
+    view = await team.candidate("E-1")
+    assert view.emails == [] and "emp@corp.test was removed" in view.notices[0][0]
+    assert "E-1" in [c.id for c in await team.candidates()]
