@@ -47,6 +47,7 @@ class Reply:
 
 UNAVAILABLE = Reply(451, "4.4.1 Upstream unavailable, try again later")
 LOST = Reply(451, "4.4.2 Upstream connection lost, try again later")
+NO_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address, and the upstream does not support SMTPUTF8")
 
 
 class UpstreamSession(Protocol):
@@ -80,6 +81,8 @@ async def open_session(upstream: Upstream, command_timeout: float, data_timeout:
                              local_hostname=local_hostname or None, start_tls=False)
     try:
         await client.connect()
+        # Now, not lazily: what the upstream supports decides what is passed on.
+        await client.ehlo()
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
         log.warning("upstream %s unavailable: %s", upstream, exc)
         client.close()
@@ -92,6 +95,7 @@ class SmtpSession:
         self.client = client
         self.data_timeout = data_timeout
         self._in_transaction = False
+        self._encoding = "ascii"
 
     @property
     def usable(self) -> bool:
@@ -123,22 +127,32 @@ class SmtpSession:
             return LOST
         except aiosmtplib.SMTPResponseException as exc:
             return Reply(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError, ValueError) as exc:
+        except ValueError as exc:  # an address aiosmtplib will not put on the wire
+            return Reply(553, f"5.1.3 Address not accepted: {' '.join(str(exc).split())}")
+        except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("upstream %s failed: %s", command, exc)
             self.client.close()
             return LOST
         return Reply(response.code, response.message)
 
     async def mail(self, sender: str, options: list[str]) -> Reply:
+        # Internationalised addresses (RFC 6531) travel as UTF-8, and only to
+        # an upstream that says it takes them.
+        wants_utf8 = "SMTPUTF8" in (o.upper() for o in options) or not sender.isascii()
+        if wants_utf8 and not self.client.supports_extension("smtputf8"):
+            return NO_SMTPUTF8
+        self._encoding = "utf-8" if wants_utf8 else "ascii"
         # aiosmtpd hands the null reverse-path over as "<>"; aiosmtplib
         # writes "" as "<>" and refuses "<>" itself.
         reply = await self._run("mail", "" if sender == "<>" else sender,
-                                options=self._options(options))
+                                options=self._options(options), encoding=self._encoding)
         self._in_transaction = reply.ok
         return reply
 
     async def rcpt(self, recipient: str) -> Reply:
-        return await self._run("rcpt", recipient)
+        if not recipient.isascii() and self._encoding != "utf-8":
+            return NO_SMTPUTF8
+        return await self._run("rcpt", recipient, encoding=self._encoding)
 
     async def data(self, content: bytes) -> Reply:
         reply = await self._run("data", content, timeout=self.data_timeout)

@@ -331,6 +331,22 @@ async def test_a_cv_forwarded_to_the_ats_inbox_becomes_a_candidate(
     assert len(await team.threads("C-1")) == 1
 
 
+async def test_internationalised_addresses_are_relayed_with_smtputf8(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    await team.add_candidate("C-U", "Jürgen", ["jürgen@exämple.test"])
+    raw = ("From: jürgen@exämple.test\r\nTo: recruiter@example.com\r\n"
+           "Subject: Grüße\r\nMessage-ID: <utf8@exämple.test>\r\n\r\nHallo\r\n").encode()
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.relay.port, start_tls=False)
+    await client.connect()
+    await client.mail("jürgen@exämple.test", options=["SMTPUTF8"], encoding="utf-8")
+    await client.rcpt(RECRUITER, encoding="utf-8")
+    response = await client.data(raw)
+    await client.quit()
+    assert response.code == 250
+    assert [m.mail_from for m in sink.messages] == ["jürgen@exämple.test"]
+    assert [t.subject for t in await team.threads("C-U")] == ["Grüße"]
+
+
 async def test_null_sender_bounce_is_relayed(relay: Gateway, sink: Sink) -> None:
     raw = make_mail("MAILER-DAEMON@example.com", ADA, "Undelivered Mail Returned to Sender")
     assert await send(relay, raw, "", [ADA]) == 250
