@@ -324,8 +324,11 @@ def candidate_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def candidate_delete(ctx: click.Context, candidate_id: str) -> None:
     """Erase a candidate and everything captured only for them."""
-    erased = _run(ctx, lambda s: s.delete_candidate(candidate_id))
+    erased, scrubbed = _run(ctx, lambda s: s.delete_candidate(candidate_id))
     click.echo(f"deleted candidate {candidate_id} and erased {erased} messages")
+    if not scrubbed:
+        click.echo("warning: other readers kept the store's write-ahead log busy, so the erased "
+                   "text may still be in atsmail.db-wal until the next checkpoint", err=True)
 
 
 @candidate.command("import")

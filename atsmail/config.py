@@ -10,7 +10,9 @@ directory.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -184,7 +186,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                                         _positive, defaults.max_message_size),
             max_recipients=reader.get(relay, "relay.max_recipients", int,
                                       _positive, defaults.max_recipients),
-            hostname=reader.get(relay, "relay.hostname", str, str, defaults.hostname),
+            hostname=reader.get(relay, "relay.hostname", str, _hostname, defaults.hostname),
             upstream_timeout=reader.get(relay, "relay.upstream_timeout", (int, float),
                                         _seconds, defaults.upstream_timeout),
             data_timeout=reader.get(relay, "relay.data_timeout", (int, float),
@@ -291,6 +293,12 @@ def _address(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _hostname(value: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?", value):
+        raise ValueError(f"not a host name: {value!r}")
+    return value
+
+
 def _positive(value: int) -> int:
     if value <= 0:
         raise ValueError(f"must be positive, got {value}")
@@ -298,7 +306,7 @@ def _positive(value: int) -> int:
 
 
 def _seconds(value: float) -> float:
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be a positive number of seconds, got {value}")
     return float(value)
 
@@ -334,6 +342,8 @@ def _parse_upstream(value: str, base: Path) -> Upstream:
         return Upstream("maildir", path=base / Path(raw).expanduser())
     if value.startswith("smtp://"):
         host, port = parse_host_port(value.removeprefix("smtp://").rstrip("/"), 25)
+        if not host:
+            raise ValueError(f"missing host in {value!r}")
         return Upstream("smtp", host=host, port=port)
     raise ValueError(f"expected smtp://HOST[:PORT] or maildir:PATH, got {value!r}")
 
@@ -349,10 +359,13 @@ def _parse_networks(value: list[Any]) -> tuple[Network, ...]:
 
 def _resolve_sqlite(url: str, base: Path) -> str:
     """Make a relative SQLite path relative to the config file's folder."""
+    if not url.startswith(("sqlite+aiosqlite:", "postgresql+asyncpg:")):
+        raise ValueError("expected sqlite+aiosqlite:///PATH or postgresql+asyncpg://..., "
+                         f"got {url.split(':', 1)[0]}:...")
     scheme, sep, rest = url.partition(":///")
     if not sep:
         if url.startswith("sqlite"):
-            raise ValueError(f"expected sqlite+aiosqlite:///PATH, got {url!r}")
+            raise ValueError("expected sqlite+aiosqlite:///PATH")
         return url
     if not scheme.startswith("sqlite") or rest.startswith("/") or rest.startswith(":memory:"):
         return url

@@ -87,6 +87,10 @@ def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
     ("[relay]\nmax_message_size = true\n", "relay.max_message_size: expected an integer"),
     ("[capture]\ncapture_forwards = 'yes'\n", "capture.capture_forwards: expected true or"),
     ("[relay\n", "not valid TOML"),
+    ("[relay]\nupstream = 'smtp://'\n", "relay.upstream: missing host"),
+    ("[relay]\nupstream_timeout = nan\n", "relay.upstream_timeout: must be a positive"),
+    ("[relay]\nhostname = \"a\\r\\nb\"\n", "relay.hostname: not a host name"),
+    ("[storage]\nurl = 'postgres://x/y'\n", "storage.url: expected sqlite+aiosqlite"),
 ])
 def test_bad_configuration_names_the_file_and_key(tmp_path: Path, content: str,
                                                   expected: str) -> None:
@@ -133,6 +137,12 @@ def test_team_domains_and_jobs(cli: Cli) -> None:
         {"id": "J1", "title": "Engineer", "archived": True, "candidates": 0}]
     cli("job", "reopen", "J1")
     assert "unknown job" in cli("job", "archive", "J2", code=1).stderr
+
+
+@pytest.mark.parametrize("address", ["a,b@c.test", "x@[1.2.3.4]", "x y@c.test", "no-at"])
+def test_bad_candidate_addresses_are_refused(cli: Cli, address: str) -> None:
+    result = cli("candidate", "add", "C-1", "--name", "Ada", "--email", address, code=1)
+    assert "not a mail address" in result.stderr
 
 
 def test_candidates_show_their_notices(cli: Cli) -> None:

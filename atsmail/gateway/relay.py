@@ -40,6 +40,8 @@ decisions = logging.getLogger("atsmail.decisions")
 # message does not stall every other session.
 PARSE_IN_THREAD_ABOVE = 256 * 1024
 
+# Tries to confirm (or withdraw) a capture after the upstream's answer.
+SETTLE_ATTEMPTS = 4
 # How often team members and internal domains are reloaded from the store.
 DIRECTORY_REFRESH = 1.0
 
@@ -349,16 +351,25 @@ class Relay:
         return read_message(raw, sender, recipients)
 
     async def _settle(self, prepared: Prepared, reply: Reply, facts: MessageFacts) -> None:
-        try:
-            if reply.ok:
-                await self.writer.confirm(prepared)
-            else:
-                await self.writer.discard(prepared)
-        except Exception:
-            # The upstream has answered: a 4xx now would deliver the message
-            # twice. The copy stays pending and a retry of it confirms it.
-            log.exception("could not settle the capture of %s after upstream %d",
-                          facts.message_id, reply.code)
+        """Confirm or withdraw the capture, trying a few times before answering.
+
+        The upstream has answered, so a 4xx now would deliver the message
+        twice: a store that stays down leaves the copy pending (logged), and
+        the answer is the upstream's all the same.
+        """
+        for attempt in range(SETTLE_ATTEMPTS):
+            try:
+                if reply.ok:
+                    await self.writer.confirm(prepared)
+                else:
+                    await self.writer.discard(prepared)
+                return
+            except Exception:
+                if attempt == SETTLE_ATTEMPTS - 1:
+                    log.exception("could not settle the capture of %s after upstream %d; it "
+                                  "stays pending", facts.message_id, reply.code)
+                    return
+                await asyncio.sleep(0.5 * 2 ** attempt)
 
     def _log(self, facts: MessageFacts, decision: Decision, reply: Reply) -> None:
         decisions.info(json.dumps({

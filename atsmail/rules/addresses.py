@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
-_SPACE = re.compile(r"\s")
+# Whitespace, controls and the specials that cannot stand unquoted in an
+# address: such text is not an address the gateway deals in.
+_NOT_IN_ADDRESS = re.compile(r"[\s\x00-\x1f\x7f,;<>()\[\]\\\"]")
 # Bounded and anchored at a separator, so that hostile text cannot make the
 # search quadratic.
 _LOOSE_ADDRESS = re.compile(
@@ -53,7 +55,7 @@ def normalize_address(address: str) -> str:
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
     local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or _SPACE.search(address):
+    if not at or not local or not domain or _NOT_IN_ADDRESS.search(address):
         raise AddressError(f"not a mail address: {address!r}")
     return f"{local.lower()}@{normalize_domain(domain)}"
 

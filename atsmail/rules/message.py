@@ -29,6 +29,7 @@ from atsmail.rules.addresses import addresses_in_text, try_normalize
 # indexable on every database.
 _MSG_ID_MAX = 900
 _MSG_ID = re.compile(rf"<([^<>\s\x00-\x1f\x7f]{{1,{_MSG_ID_MAX}}})>")
+_REPLY_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:re|aw|sv|antw|r)\s*:", re.IGNORECASE)
 # Only the outermost prefix counts: "Re: Fwd: ..." is a reply to a forward.
 _FORWARD_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:fwd?|wg|tr|rv)\s*:", re.IGNORECASE)
 # Markers that mail clients put above an inline forwarded message; a quoted
@@ -140,6 +141,17 @@ class MessageFacts:
     @cached_property
     def content_hash(self) -> str:
         return hashlib.sha256(self.raw).hexdigest()
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.in_reply_to) or bool(_REPLY_SUBJECT.match(self.subject))
+
+    @property
+    def forwards(self) -> bool:
+        """A forward: a Fwd-style subject, or forwarded content in a message
+        that is not a reply (a reply may quote or attach what it answers)."""
+        fwd = self.forward
+        return fwd.subject_prefix or ((fwd.attached or fwd.inline) and not self.is_reply)
 
     @property
     def capture_key(self) -> str:

@@ -75,7 +75,7 @@ class ThreadLink:
     description = "A reply to a captured message joins that message's thread and candidates."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
-        if msg.forward.is_forward:
+        if msg.forwards:
             return Verdict(False, ("a forward: the forward rule decides",))
         if not any(not ctx.is_internal(a) for a in msg.participants):
             return Verdict(False, ("every participant is internal: a conversation about a "
@@ -120,7 +120,7 @@ class ForwardOfCandidate:
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
         fwd = msg.forward
-        if not fwd.is_forward:
+        if not msg.forwards:
             return Verdict(False, ("not a forward",))
         signs = [s for s, on in (("Fwd subject", fwd.subject_prefix),
                                  ("attached message", fwd.attached),
@@ -158,7 +158,7 @@ class AtsInbox:
             return Verdict(False, ("not addressed to the ATS inbox",))
         fwd = msg.forward
         sender = fwd.original_sender
-        if not fwd.is_forward or sender is None:
+        if not msg.forwards or sender is None:
             return Verdict(False, (f"mail to {inbox} that forwards no one's mail: no "
                                    "candidate to create",))
         if ctx.is_internal(sender):

@@ -152,12 +152,18 @@ class Database:
             # Outside any transaction: a checkpoint cannot run inside one.
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
-            for attempt in range(CHECKPOINT_ATTEMPTS):
-                async with raw.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
-                    busy = (await cursor.fetchone())[0]
-                if not busy:
-                    return True
-                await asyncio.sleep(0.05 * (attempt + 1))
+            # A reader in the way makes the checkpoint report busy; do not
+            # also sit out the long busy timeout on each try.
+            await raw.execute("PRAGMA busy_timeout=500")
+            try:
+                for attempt in range(CHECKPOINT_ATTEMPTS):
+                    async with raw.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                        busy = (await cursor.fetchone())[0]
+                    if not busy:
+                        return True
+                    await asyncio.sleep(0.05 * (attempt + 1))
+            finally:
+                await raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         log.warning("the SQLite write-ahead log could not be emptied: readers kept it busy")
         return False
 

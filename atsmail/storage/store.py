@@ -221,11 +221,14 @@ class Store:
         async with self.db.read() as session:
             return await CandidateRepository(session).views()
 
-    async def delete_candidate(self, candidate_id: str) -> int:
+    async def delete_candidate(self, candidate_id: str) -> tuple[int, bool]:
         """Erase a candidate and every message only they are tied to.
 
         On SQLite the write-ahead log is then folded in and emptied, so that
-        with `secure_delete` the erased text is gone from the files.
+        with `secure_delete` the erased text is gone from the files. Returns
+        how many messages were erased, and whether the files are scrubbed
+        already (False: readers kept the log busy; the next delete or
+        checkpoint finishes it).
         """
         async with self.db.write() as session:
             candidates = CandidateRepository(session)
@@ -233,8 +236,7 @@ class Store:
                 raise UserError(f"unknown candidate {candidate_id}")
             erased = await ThreadRepository(session).erase_candidate_messages(candidate_id)
             await candidates.delete(candidate_id)
-        await self.db.checkpoint()
-        return erased
+        return erased, await self.db.checkpoint()
 
     async def intake_candidate(self, address: str, name: str, inbox: str,
                                forwarded_by: str) -> str:

@@ -47,7 +47,6 @@ def headers(*lines: str, body: str = "Hello.\n") -> bytes:
     pytest.param("x@BÜCHER.Example", "x@bücher.example", id="unicode-upper-case"),
     pytest.param("li.ming@xn--fiqs8s.example", "li.ming@中国.example", id="idna-cjk"),
     pytest.param("x@mail.xn--mller-kva.example", "x@mail.müller.example", id="idna-inner-label"),
-    pytest.param("ada@[127.0.0.1]", "ada@[127.0.0.1]", id="address-literal"),
 ])
 def test_normalize_address(raw: str, expected: str) -> None:
     assert normalize_address(raw) == expected
@@ -66,6 +65,10 @@ def test_normalize_address(raw: str, expected: str) -> None:
     pytest.param("ada@applicant..test", id="empty-label"),
     pytest.param("ada@xn--zz.example", id="bad-idna-label"),
     pytest.param("<>", id="null-sender"),
+    # Address literals and specials: no candidate or team member has one.
+    pytest.param("ada@[127.0.0.1]", id="address-literal"),
+    pytest.param("a,b@applicant.test", id="comma"),
+    pytest.param("a\x1b@applicant.test", id="control-character"),
 ])
 def test_not_an_address(raw: str) -> None:
     with pytest.raises(AddressError):

@@ -855,3 +855,24 @@ def test_ats_inbox(raw: bytes, inbox: str | None, intake: tuple[str, str] | None
     entry = next(t for t in decision.trace if t.rule == "ats-inbox")
     assert entry.verdict == verdict and reason in " ".join(entry.reasons)
     assert decision.intake == intake
+
+
+@pytest.mark.parametrize("capture_forwards", [True, False])
+def test_a_reply_that_attaches_what_it_answers_stays_in_its_thread(
+        capture_forwards: bool) -> None:
+    from atsmail.rules import CandidateInfo, Context, KnownMessage, decide, read_message
+    original = (b"From: Ada <ada@applicant.test>\r\nSubject: Interview\r\n"
+                b"Message-ID: <int-1@example.com>\r\n\r\nhi\r\n")
+    raw = (b"From: ada.private@home.test\r\nTo: recruiter@example.com\r\n"
+           b"Subject: Re: Interview\r\nIn-Reply-To: <int-1@example.com>\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/plain\r\n\r\nSee below\r\n"
+           b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + original + b"\r\n--b--\r\n")
+    context = Context(
+        internal_domains=frozenset({"example.com"}), team=frozenset({"recruiter@example.com"}),
+        candidates={"C-1": CandidateInfo("C-1", "Ada", frozenset({"ada@applicant.test"}))},
+        known_messages={"int-1@example.com": KnownMessage("int-1@example.com", 7,
+                                                          frozenset({"C-1"}))},
+        capture_forwards=capture_forwards)
+    decision = decide(read_message(raw), context)
+    assert (decision.capture, decision.thread_id, decision.candidates) == (True, 7, ("C-1",))

@@ -115,7 +115,7 @@ async def test_deleting_a_candidate_keeps_mail_another_candidate_needs(team: Sto
     await capture(team, make_mail(RECRUITER, "ada@applicant.test", "Only Ada"))
     await capture(team, make_mail(RECRUITER, ["ada@applicant.test", "grace@candidates.test"],
                                   "Both"))
-    assert await team.delete_candidate("C-1") == 1
+    assert await team.delete_candidate("C-1") == (1, True)
     assert await team.threads("C-2") == [
         t for t in await team.threads() if t.subject == "Both"]
     summaries = await team.threads()
@@ -133,7 +133,7 @@ async def test_erased_text_is_gone_from_the_sqlite_files(team: Store, store_url:
     await team.db.checkpoint()
     assert marker.encode() in path.read_bytes()
 
-    await team.delete_candidate("C-1")
+    assert (await team.delete_candidate("C-1"))[1], "the files are scrubbed"
     files = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
     for file in files:
         assert marker.encode() not in file.read_bytes(), file.name
