@@ -192,23 +192,18 @@ class Watcher:
         A message that cannot be read is logged and skipped; a store failure
         propagates, so the checkpoint stays before it and it is tried again.
         """
-        try:
-            facts = read_message(header_bytes)
-        except Exception:
-            log.exception("mailbox %s folder %s UID %d: unreadable headers, skipped",
-                          self.box.address, folder.name, uid)
+        facts = self._read(header_bytes, folder, uid)
+        if facts is None:
             return
         decision = await self._decide(facts, folder)
-        if not decision.capture and not (not decision.vetoed and facts.forward.subject_prefix):
+        # Forwards may show only in the body: those are read whole too.
+        if not (decision.capture or (not decision.vetoed and facts.forward.subject_prefix)):
             return
         whole = (await imap.fetch([uid], WHOLE)).get(uid)
         if whole is None:
             return  # expunged meanwhile
-        try:
-            facts = read_message(whole)
-        except Exception:
-            log.exception("mailbox %s folder %s UID %d: unreadable message, skipped",
-                          self.box.address, folder.name, uid)
+        facts = self._read(whole, folder, uid)
+        if facts is None:
             return
         decision = await self._decide(facts, folder)
         if not decision.capture:
@@ -218,6 +213,14 @@ class Watcher:
         await self.mirror.writer.confirm(prepared)
         log.info("mailbox %s folder %s UID %d: captured %s for %s", self.box.address,
                  folder.name, uid, facts.message_id, ", ".join(decision.candidates))
+
+    def _read(self, data: bytes, folder: FolderState, uid: int) -> MessageFacts | None:
+        try:
+            return read_message(data)
+        except Exception:
+            log.exception("mailbox %s folder %s UID %d: unreadable, skipped",
+                          self.box.address, folder.name, uid)
+            return None
 
     async def _decide(self, facts: MessageFacts, folder: FolderState) -> Decision:
         forwards = self.mirror.config.capture.capture_forwards
