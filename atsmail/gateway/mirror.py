@@ -18,10 +18,10 @@ from datetime import UTC, datetime, timedelta
 
 from atsmail.config import Config
 from atsmail.gateway.imap import ImapAuthError, ImapError, ImapSession, imap_date
-from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
+from atsmail.rules import Context, MessageFacts, decide, read_message
 from atsmail.secrets import SecretError, Secrets
 from atsmail.storage import Capture, CaptureWriter, Store, lookup
-from atsmail.storage.lookup import load_directory
+from atsmail.storage.lookup import Directory, load_directory
 from atsmail.storage.mailboxes import FolderState, Mailboxes
 from atsmail.storage.models import Mailbox
 
@@ -164,16 +164,62 @@ class Watcher:
                 log.info("mailbox %s folder %s: UIDVALIDITY changed, reading it again",
                          self.box.address, folder.name)
         last = folder.last_uid if folder.uidvalidity == uidvalidity else 0
+        directory = await self.mirror.store.db.run(load_directory, write=False)
         for start in range(0, len(uids), BATCH):
             batch = uids[start:start + BATCH]
             headers = await imap.fetch(batch, HEADERS)
-            for uid in batch:
-                if uid in headers:
-                    await self._consider(imap, folder, uid, headers[uid])
-                last = uid
+            await self._judge_batch(imap, folder, directory, headers)
+            last = batch[-1]
             await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, last)
         if not uids and folder.uidvalidity != uidvalidity:
             await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, last)
+
+    async def _judge_batch(self, imap: ImapSession, folder: FolderState, directory: Directory,
+                           headers: dict[int, bytes]) -> None:
+        """Judge a batch by headers with one store look-up; capture what counts.
+
+        A message that cannot be read is logged and skipped; a store failure
+        propagates, so the checkpoint stays before the batch and it is tried
+        again.
+        """
+        forwards = self.mirror.config.capture.capture_forwards
+        inbox = self.mirror.config.capture.ats_inbox
+        quick = Context(internal_domains=directory.domains, team=directory.team,
+                        capture_forwards=forwards, folder_role=folder.role)
+        # Bulk mail and mail no team member takes part in need no look-up.
+        open_ = [(uid, facts) for uid, facts in
+                 ((uid, self._read(data, folder, uid)) for uid, data in sorted(headers.items()))
+                 if facts is not None and not decide(facts, quick, stop_at_veto=True).vetoed]
+        if not open_:
+            return
+        context = await self.mirror.store.db.run(lambda conn: lookup.context_for_many(
+            conn, [f for _, f in open_], directory, forwards, folder.role, inbox), write=False)
+        for uid, facts in open_:
+            decision = decide(facts, context)
+            # Forwards may show only in the body: those are read whole too.
+            if decision.capture or facts.forward.subject_prefix:
+                await self._capture_whole(imap, folder, uid, directory)
+
+    async def _capture_whole(self, imap: ImapSession, folder: FolderState, uid: int,
+                             directory: Directory) -> None:
+        whole = (await imap.fetch([uid], WHOLE)).get(uid)
+        if whole is None:
+            return  # expunged meanwhile
+        facts = self._read(whole, folder, uid)
+        if facts is None:
+            return
+        forwards = self.mirror.config.capture.capture_forwards
+        inbox = self.mirror.config.capture.ats_inbox
+        context = await self.mirror.store.db.run(lambda conn: lookup.context_for(
+            conn, facts, directory, forwards, folder.role, inbox), write=False)
+        decision = decide(facts, context)
+        if not decision.capture:
+            return
+        prepared = await self.mirror.writer.prepare(
+            Capture(facts, decision, whole, "mirror", mailbox=self.box.address))
+        await self.mirror.writer.confirm(prepared)
+        log.info("mailbox %s folder %s UID %d: captured %s for %s", self.box.address,
+                 folder.name, uid, facts.message_id, ", ".join(decision.candidates))
 
     async def _backfill(self, imap: ImapSession) -> list[int]:
         settings, provider = self.settings, self.box.provider
@@ -185,35 +231,6 @@ class Watcher:
             since = datetime.now(UTC) - timedelta(days=settings.backfill_imap_days)
         return await imap.search(f"SINCE {imap_date(since.date())}")
 
-    async def _consider(self, imap: ImapSession, folder: FolderState, uid: int,
-                        header_bytes: bytes) -> None:
-        """Judge one message by its headers; fetch and capture it when it counts.
-
-        A message that cannot be read is logged and skipped; a store failure
-        propagates, so the checkpoint stays before it and it is tried again.
-        """
-        facts = self._read(header_bytes, folder, uid)
-        if facts is None:
-            return
-        decision = await self._decide(facts, folder)
-        # Forwards may show only in the body: those are read whole too.
-        if not (decision.capture or (not decision.vetoed and facts.forward.subject_prefix)):
-            return
-        whole = (await imap.fetch([uid], WHOLE)).get(uid)
-        if whole is None:
-            return  # expunged meanwhile
-        facts = self._read(whole, folder, uid)
-        if facts is None:
-            return
-        decision = await self._decide(facts, folder)
-        if not decision.capture:
-            return
-        prepared = await self.mirror.writer.prepare(
-            Capture(facts, decision, whole, "mirror", mailbox=self.box.address))
-        await self.mirror.writer.confirm(prepared)
-        log.info("mailbox %s folder %s UID %d: captured %s for %s", self.box.address,
-                 folder.name, uid, facts.message_id, ", ".join(decision.candidates))
-
     def _read(self, data: bytes, folder: FolderState, uid: int) -> MessageFacts | None:
         try:
             return read_message(data)
@@ -221,17 +238,3 @@ class Watcher:
             log.exception("mailbox %s folder %s UID %d: unreadable, skipped",
                           self.box.address, folder.name, uid)
             return None
-
-    async def _decide(self, facts: MessageFacts, folder: FolderState) -> Decision:
-        forwards = self.mirror.config.capture.capture_forwards
-        db = self.mirror.store.db
-        directory = await db.run(load_directory, write=False)
-        quick = decide(facts, Context(internal_domains=directory.domains, team=directory.team,
-                                      capture_forwards=forwards, folder_role=folder.role),
-                       stop_at_veto=True)
-        if quick.vetoed:
-            return quick
-
-        context = await db.run(lambda conn: lookup.context_for(
-            conn, facts, directory, forwards, folder.role), write=False)
-        return decide(facts, context)

@@ -177,7 +177,14 @@ class ArchivedJobs:
     description = "A candidate whose every job is archived is no longer captured for."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
-        archived = {c.id for c in ctx.candidates.values() if not c.active}
+        # Only the candidates this message is tied to: the context may hold
+        # more (one look-up serves a batch of messages).
+        tied = {c.id for a in (*msg.participants, *msg.forward.original_addresses)
+                for c in ctx.candidates_for(a)}
+        tied |= {c for m in msg.thread_ids if m in ctx.known_messages
+                 for c in ctx.known_messages[m].candidates}
+        archived = {cid for cid in tied
+                    if cid in ctx.candidates and not ctx.candidates[cid].active}
         if not archived:
             return Verdict(False, ("no candidate involved has only archived jobs",))
         return Verdict(True, (f"every job of {_names(archived)} is archived",),

@@ -8,7 +8,7 @@ relay's hot path.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, or_, select
@@ -122,14 +122,23 @@ def context_for(conn: Connection, facts: MessageFacts, directory: Directory | No
                 capture_forwards: bool, folder_role: str | None = None,
                 ats_inbox: str | None = None) -> Context:
     """The rules' context for one message; `directory` None reads it fresh."""
+    return context_for_many(conn, [facts], directory, capture_forwards, folder_role, ats_inbox)
+
+
+def context_for_many(conn: Connection, messages: Sequence[MessageFacts],
+                     directory: Directory | None, capture_forwards: bool,
+                     folder_role: str | None = None, ats_inbox: str | None = None) -> Context:
+    """One context that serves every message of a batch (the rules only look
+    at the candidates and captured messages each message points at)."""
     directory = directory or load_directory(conn)
-    known = known_messages(conn, facts.thread_ids)
+    known = known_messages(conn, {m for facts in messages for m in facts.thread_ids})
     linked = {c for message in known.values() for c in message.candidates}
+    addresses = {a for facts in messages
+                 for a in (*facts.participants, *facts.forward.original_addresses)}
     return Context(
         internal_domains=directory.domains,
         team=directory.team,
-        candidates=candidate_infos(
-            conn, {*facts.participants, *facts.forward.original_addresses}, linked),
+        candidates=candidate_infos(conn, addresses, linked),
         known_messages=known,
         capture_forwards=capture_forwards,
         folder_role=folder_role,
