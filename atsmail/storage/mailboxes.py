@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from atsmail.storage.db import Database
@@ -227,11 +227,6 @@ class Mailboxes:
         async with self.db.write() as session:
             await session.execute(update(Mailbox).where(
                 Mailbox.address == address, Mailbox.state != "disconnected").values(**values))
-
-    async def forget_folders(self, address: str, names: Sequence[str]) -> None:
-        async with self.db.write() as session:
-            await session.execute(delete(MailboxFolder).where(
-                MailboxFolder.mailbox == address, MailboxFolder.name.in_(names)))
 
 
 def _state(folder: MailboxFolder) -> FolderState:

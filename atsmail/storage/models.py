@@ -173,12 +173,14 @@ class MessageCandidate(Base):
         ForeignKey("candidates.id", ondelete="CASCADE"), primary_key=True)
 
 
-MAILBOX_STATES = ("connecting", "syncing", "idle", "error", "disconnected")
 FOLDER_ROLES = ("incoming", "outgoing", "none")
 
 
 class Mailbox(Base):
-    """A connected mailbox the mirror watches; its secret is stored encrypted."""
+    """A connected mailbox the mirror watches; its secret is stored encrypted.
+
+    `state` is connecting, syncing, idle, error or disconnected.
+    """
 
     __tablename__ = "mailboxes"
 
@@ -228,11 +230,13 @@ class MessageSource(Base):
     mailbox: Mapped[str] = mapped_column(String(320), primary_key=True, default="")
 
 
-OUTBOX_STATES = ("queued", "sending", "sent", "failed")
 
 
 class OutboxMessage(Base):
-    """Mail composed in the ATS, kept until it is sent, filed and captured."""
+    """Mail composed in the ATS, kept until it is sent, filed and captured.
+
+    `status` is queued, sending, sent or failed.
+    """
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_status_next_attempt", "status", "next_attempt"),)

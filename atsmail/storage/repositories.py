@@ -47,9 +47,6 @@ class TeamRepository:
     async def all(self) -> list[TeamMember]:
         return list(await self.session.scalars(select(TeamMember).order_by(TeamMember.email)))
 
-    async def addresses(self) -> frozenset[str]:
-        return frozenset(await self.session.scalars(select(TeamMember.email)))
-
 
 class DomainRepository:
     def __init__(self, session: AsyncSession) -> None:
@@ -70,9 +67,6 @@ class DomainRepository:
     async def all(self) -> list[InternalDomain]:
         return list(await self.session.scalars(
             select(InternalDomain).order_by(InternalDomain.domain)))
-
-    async def names(self) -> frozenset[str]:
-        return frozenset(await self.session.scalars(select(InternalDomain.domain)))
 
 
 class JobRepository:

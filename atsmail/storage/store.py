@@ -9,7 +9,7 @@ that says which address went and why.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from atsmail.rules import Context, MessageFacts
 from atsmail.rules.addresses import AddressError, in_domains, normalize_address, normalize_domain
 from atsmail.storage import lookup
 from atsmail.storage.db import Database
+from atsmail.storage.lookup import Directory, load_directory
 from atsmail.storage.migrate import is_current, migrate
 from atsmail.storage.models import ROLES, CandidateEmail, InternalDomain, Job, TeamMember
 from atsmail.storage.repositories import (
@@ -192,12 +193,13 @@ class Store:
             for job_id in dict.fromkeys(job_ids):
                 if await JobRepository(session).get(job_id) is None:
                     raise UserError(f"unknown job {job_id} (add it with `atsmail job add`)")
-            team = await TeamRepository(session).addresses()
-            domains = await DomainRepository(session).names()
+            # The same notion of "internal" as the rules': members, their
+            # hosted identities, connected mailboxes and internal domains.
+            directory = await session.run_sync(lambda s: load_directory(s.connection()))
             refused: list[str] = []
             kept: list[str] = []
             for address in addresses:
-                why = _internal_reason(address, team, domains)
+                why = _internal_reason(address, directory)
                 if why:
                     refused.append(f"{address} was not added: {why}; internal addresses are "
                                    "never kept on a candidate")
@@ -296,10 +298,10 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _internal_reason(address: str, team: Iterable[str], domains: Iterable[str]) -> str | None:
-    if address in team:
-        return f"it belongs to team member {address}"
-    domain = in_domains(address, tuple(domains))
+def _internal_reason(address: str, directory: Directory) -> str | None:
+    if address in directory.team:
+        return "it is a team member's address (or their hosted identity or mailbox)"
+    domain = in_domains(address, tuple(directory.domains))
     return f"{domain} is an internal domain" if domain else None
 
 

@@ -250,3 +250,11 @@ async def test_a_candidate_whose_every_address_went_internal_still_shows(team: S
     view = await team.candidate("E-1")
     assert view.emails == [] and "emp@corp.test was removed" in view.notices[0][0]
     assert "E-1" in [c.id for c in await team.candidates()]
+
+
+async def test_hosted_identities_are_refused_on_candidates_like_team_addresses(
+        team: Store) -> None:
+    from atsmail.storage.mailboxes import Mailboxes
+    await Mailboxes(team.db).set_hosted_identity(RECRUITER, "rita@hosted.example")
+    with pytest.raises(UserError, match="hosted identity"):
+        await team.add_candidate("C-H", "Hosted", ["rita@hosted.example"])
