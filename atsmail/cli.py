@@ -23,14 +23,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from atsmail.config import Config, ConfigError, find_config_path, load_config, parse_host_port
-from atsmail.gateway.sender import compose
+from atsmail.gateway.sender import queue_message
 from atsmail.rules import decide, read_message
 from atsmail.secrets import SecretError, Secrets, create_key_file
 from atsmail.storage import Store, UserError
 from atsmail.storage.mailboxes import PROVIDERS, SECURITY, Account, Mailboxes, mailbox_json
-from atsmail.storage.models import FOLDER_ROLES, ROLES, OutboxMessage
+from atsmail.storage.models import FOLDER_ROLES, ROLES
 from atsmail.storage.outbox import Outbox, outbox_json
-from atsmail.storage.store import checked_address
 
 T = TypeVar("T")
 
@@ -643,26 +642,23 @@ def identity_hosted(ctx: click.Context, user_email: str, address: str) -> None:
 @click.option("--body", "body_text", metavar="TEXT")
 @click.option("--candidate", "candidate_id", metavar="CANDIDATE_ID",
               help="File it on this candidate even if the address is not theirs.")
+@click.option("--thread", "thread_id", type=int, metavar="THREAD_ID",
+              help="Answer in this thread (In-Reply-To its latest message).")
+@click.option("--from", "from_address", metavar="ADDRESS",
+              help="Send from this mailbox: a shared one the member is listed on, or their "
+                   "own (default: their own mailbox, else their hosted identity).")
 @json_option
 @click.pass_context
 def send(ctx: click.Context, sender: str, recipients: tuple[str, ...], subject: str,
          body_file: Path | None, body_text: str | None, candidate_id: str | None,
-         as_json: bool) -> None:
+         thread_id: int | None, from_address: str | None, as_json: bool) -> None:
     """Queue a message in the outbox; `serve` sends it from the member's mailbox."""
     if (body_file is None) == (body_text is None):
         raise click.UsageError("give exactly one of --body-file F or --body TEXT")
     body = body_file.read_text(encoding="utf-8") if body_file else str(body_text)
 
-    async def work(store: Store) -> OutboxMessage:
-        outbox = Outbox(store.db)
-        route = await outbox.route(sender)
-        addresses = [checked_address(r) for r in recipients]
-        if candidate_id:
-            await outbox.check_candidate(candidate_id)
-        message_id, raw = compose(route, addresses, subject, body)
-        return await outbox.queue(sender, route, addresses, candidate_id, message_id, raw)
-
-    item = _run(ctx, work)
+    item = _run(ctx, lambda s: queue_message(s.db, sender, recipients, subject, body,
+                                             candidate_id, thread_id, from_address))
     if as_json:
         _print_json({"id": item.id, "message_id": item.message_id, "status": item.status})
     else:

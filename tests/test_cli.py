@@ -337,6 +337,12 @@ def test_send_queues_in_the_outbox(cli: Cli, tmp_path: Path) -> None:
     assert "unknown candidate" in cli(
         "send", "--as", "rita@example.com", "--to", "ada@applicant.test", "--subject", "Hi",
         "--body", "Hello", "--candidate", "C-9", code=1).stderr
+    assert "unknown thread 7" in cli(
+        "send", "--as", "rita@example.com", "--to", "ada@applicant.test", "--subject", "Hi",
+        "--body", "Hello", "--thread", "7", code=1).stderr
+    assert "no mailbox jobs@example.com is connected" in cli(
+        "send", "--as", "rita@example.com", "--to", "ada@applicant.test", "--subject", "Hi",
+        "--body", "Hello", "--from", "jobs@example.com", code=1).stderr
     body = tmp_path / "body.txt"
     body.write_text("Dear Ada,\n\nwelcome.\n")
     queued = cli.json("send", "--as", "rita@example.com", "--to", "ada@applicant.test",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets as token
+from collections.abc import Sequence
 from email.message import EmailMessage
 from email.utils import formataddr, formatdate
 
@@ -28,9 +28,11 @@ from atsmail.rules import Decision, decide, read_message
 from atsmail.rules.addresses import domain_of
 from atsmail.secrets import SecretError, Secrets
 from atsmail.storage import Capture, CaptureWriter, Store, lookup
+from atsmail.storage.db import Database
 from atsmail.storage.mailboxes import Mailboxes
-from atsmail.storage.models import Mailbox, OutboxMessage
-from atsmail.storage.outbox import Outbox, Route
+from atsmail.storage.models import Mailbox, OutboxMessage, our_message_id
+from atsmail.storage.outbox import Conversation, Outbox, Route
+from atsmail.storage.store import UserError, checked_address
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,14 @@ log = logging.getLogger(__name__)
 POLL = 1.0
 
 
-def compose(route: Route, recipients: list[str], subject: str, body: str) -> tuple[str, bytes]:
-    """The message to send, and its Message-ID (without angle brackets)."""
-    message_id = f"atsmail.{token.token_hex(12)}@{domain_of(route.from_address)}"
+def compose(route: Route, recipients: list[str], subject: str, body: str,
+            conversation: Conversation) -> tuple[str, bytes]:
+    """The message to send, and its Message-ID (without angle brackets).
+
+    The Message-ID carries the thread's key, so that the candidate's reply
+    finds its thread even when it comes from another address.
+    """
+    message_id = our_message_id(conversation.thread_key, domain_of(route.from_address))
     msg = EmailMessage()
     msg["From"] = formataddr((route.name, route.from_address)) if route.name else (
         route.from_address)
@@ -48,11 +55,29 @@ def compose(route: Route, recipients: list[str], subject: str, body: str) -> tup
     msg["Subject"] = subject
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = f"<{message_id}>"
+    if conversation.in_reply_to:
+        msg["In-Reply-To"] = f"<{conversation.in_reply_to}>"
+        msg["References"] = " ".join(f"<{m}>" for m in conversation.references)
     text = body if body.endswith("\n") else body + "\n"
     if route.signature:
         text += "\n-- \n" + route.signature.rstrip("\n") + "\n"
     msg.set_content(text)
     return message_id, msg.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+async def queue_message(db: Database, sender: str, recipients: Sequence[str], subject: str,
+                        body: str, candidate_id: str | None = None,
+                        thread_id: int | None = None,
+                        from_address: str | None = None) -> OutboxMessage:
+    """Compose a team member's message and put it in the outbox (`send`, the API)."""
+    outbox = Outbox(db)
+    route = await outbox.route(sender, from_address)
+    addresses = [checked_address(r) for r in recipients]
+    if not addresses:
+        raise UserError("a message needs at least one recipient")
+    conversation = await outbox.conversation(candidate_id, thread_id)
+    message_id, raw = compose(route, addresses, subject, body, conversation)
+    return await outbox.queue(sender, route, addresses, conversation, message_id, raw)
 
 
 class DeliveryError(Exception):

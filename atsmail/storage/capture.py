@@ -27,6 +27,8 @@ from atsmail.storage.models import (
     MessageCandidate,
     MessageSource,
     Thread,
+    new_thread_key,
+    thread_key_of,
     utcnow,
 )
 
@@ -147,6 +149,8 @@ _LIVE_THREADS = select(Thread.id).where(Thread.id.in_(bindparam("ids", expanding
 _TOUCH = (update(Thread)
           .where(Thread.id == bindparam("tid"), Thread.last_date < bindparam("when"))
           .values(last_date=bindparam("when")))
+_KEYED_THREADS = (select(Thread.key, Thread.id)
+                  .where(Thread.key.in_(bindparam("keys", expanding=True))))
 _NEW_THREADS = insert(Thread).returning(Thread.id, sort_by_parameter_order=True)
 _NEW_MESSAGES = insert(CapturedMessage).returning(CapturedMessage.id, sort_by_parameter_order=True)
 _LINK = insert(MessageCandidate)
@@ -212,12 +216,21 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
                    for i, c in new if c.decision.thread_id in live]
         if touches:
             conn.execute(_TOUCH, touches)
-        opening = [(i, c) for i, c in new if c.decision.thread_id not in live]
         thread_of = {i: c.decision.thread_id for i, c in new if c.decision.thread_id in live}
+        thread_of.update(_keyed_threads(conn, [(i, c) for i, c in new if i not in thread_of]))
+        opening: dict[str, list[int]] = {}  # new thread key -> the captures opening it
+        for i, c in new:
+            if i not in thread_of:
+                key = thread_key_of(c.facts.message_id) or new_thread_key()
+                opening.setdefault(key, []).append(i)
         if opening:
+            captures = dict(new)
             ids = conn.execute(_NEW_THREADS, [
-                {"subject": c.facts.subject, "last_date": when[i]} for i, c in opening]).scalars()
-            thread_of.update(zip((i for i, _ in opening), ids, strict=True))
+                {"key": key, "subject": captures[firsts[0]].facts.subject,
+                 "last_date": max(when[i] for i in firsts)}
+                for key, firsts in opening.items()]).scalars()
+            for firsts, thread_id in zip(opening.values(), ids, strict=True):
+                thread_of.update(dict.fromkeys(firsts, thread_id))
         pks = conn.execute(_NEW_MESSAGES, [
             _message_row(c, thread_of[i], when[i]) for i, c in new]).scalars().all()
         for (i, c), pk in zip(new, pks, strict=True):
@@ -248,6 +261,21 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
     if seen - known:
         conn.execute(_ADD_SOURCES, [{"message_pk": pk, "source": source, "mailbox": mailbox}
                                     for pk, source, mailbox in sorted(seen - known)])
+
+
+def _keyed_threads(conn: Connection, captures: list[tuple[int, Capture]]) -> dict[int, int]:
+    """The threads that mail sent from the ATS continues, by the key in its Message-ID.
+
+    Used only where the rules linked a message to no thread of their own.
+    """
+    keys = {i: key for i, c in captures if (key := thread_key_of(c.facts.message_id))}
+    if not keys:
+        return {}
+    found: dict[str, int] = {
+        key: thread_id
+        for key, thread_id in conn.execute(_KEYED_THREADS, {"keys": list(set(keys.values()))})
+        if key is not None}
+    return {i: found[key] for i, key in keys.items() if key in found}
 
 
 def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, Any]:

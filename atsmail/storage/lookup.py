@@ -26,6 +26,8 @@ from atsmail.storage.models import (
     Mailbox,
     MessageCandidate,
     TeamMember,
+    Thread,
+    thread_key_of,
 )
 
 
@@ -53,6 +55,12 @@ _KNOWN = (
     select(CapturedMessage.message_id, CapturedMessage.thread_id, MessageCandidate.candidate_id)
     .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
     .where(CapturedMessage.message_id.in_(bindparam("ids", expanding=True)))
+)
+_KEYED = (
+    select(Thread.key, Thread.id, MessageCandidate.candidate_id).distinct()
+    .join(CapturedMessage, CapturedMessage.thread_id == Thread.id)
+    .join(MessageCandidate, MessageCandidate.message_pk == CapturedMessage.id)
+    .where(Thread.key.in_(bindparam("keys", expanding=True)))
 )
 _EMAILS = aliased(CandidateEmail)
 _CANDIDATES = (
@@ -90,6 +98,22 @@ def known_messages(conn: Connection, message_ids: Collection[str]) -> dict[str, 
         assert message_id is not None
         threads.setdefault(message_id, thread_id)
         candidates[message_id].add(candidate_id)
+    # A reply to mail sent from the ATS names its thread in the Message-ID it
+    # refers to: that finds the thread even when the message itself is not
+    # (or not yet) stored.
+    keys = {m: key for m in ids if m not in threads and (key := thread_key_of(m))}
+    if keys:
+        by_key: dict[str, int] = {}
+        of_key: dict[str, set[str]] = defaultdict(set)
+        for found, thread_id, candidate_id in conn.execute(
+                _KEYED, {"keys": list(set(keys.values()))}):
+            assert found is not None
+            by_key[found] = thread_id
+            of_key[found].add(candidate_id)
+        for message_id, wanted in keys.items():
+            if wanted in by_key:
+                threads[message_id] = by_key[wanted]
+                candidates[message_id] = of_key[wanted]
     return {m: KnownMessage(m, threads[m], frozenset(candidates[m])) for m in threads}
 
 

@@ -9,6 +9,8 @@ candidate still needs.
 
 from __future__ import annotations
 
+import re
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +32,27 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROLES = ("admin", "recruiter", "compliance")
+
+
+SHARING_LEVELS = ("full", "subject", "metadata")
+
+
+# Mail sent from the ATS: <atsmail.KEY.RANDOM@domain>, KEY being its thread's.
+_OUR_MESSAGE_ID = re.compile(r"atsmail\.([0-9a-f]{24})\.[0-9a-f]{8,64}@[^@\s]+")
+
+
+def new_thread_key() -> str:
+    return secrets.token_hex(12)
+
+
+def our_message_id(thread_key: str, domain: str) -> str:
+    """A Message-ID (without angle brackets) that names the thread it belongs to."""
+    return f"atsmail.{thread_key}.{secrets.token_hex(8)}@{domain}"
+
+
+def thread_key_of(message_id: str | None) -> str | None:
+    match = _OUR_MESSAGE_ID.fullmatch(message_id or "")
+    return match[1] if match else None
 
 
 def utcnow() -> datetime:
@@ -131,6 +154,10 @@ class Thread(Base):
     __tablename__ = "threads"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # A random token that mail sent from the ATS carries in its Message-ID,
+    # so that a reply joins the thread whatever address it comes from.
+    # Threads from before keys existed get one when first replied to.
+    key: Mapped[str | None] = mapped_column(String(32), unique=True)
     subject: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_date: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -197,6 +224,9 @@ class Mailbox(Base):
     username: Mapped[str] = mapped_column(String(320))
     secret: Mapped[bytes] = mapped_column(LargeBinary)
     signature: Mapped[str] = mapped_column(Text, default="")
+    # How much of a personal mailbox's mail the rest of the team sees:
+    # full, subject (no bodies) or metadata (participants and dates).
+    sharing: Mapped[str] = mapped_column(String(10), default="full")
     state: Mapped[str] = mapped_column(String(20), default="connecting")
     last_sync: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -248,6 +278,8 @@ class OutboxMessage(Base):
     mailbox: Mapped[str | None] = mapped_column(String(320))
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
     candidate_id: Mapped[str | None] = mapped_column(String(100))
+    # The key of the thread it opens or continues (see `Thread.key`).
+    thread_key: Mapped[str | None] = mapped_column(String(32))
     message_id: Mapped[str] = mapped_column(String(1000), unique=True)
     raw: Mapped[bytes] = mapped_column(LargeBinary)
     status: Mapped[str] = mapped_column(String(10), default="queued")

@@ -13,14 +13,26 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from atsmail.rules import read_message
 from atsmail.storage.db import Database
-from atsmail.storage.models import Candidate, Mailbox, OutboxMessage, TeamMember, utcnow
+from atsmail.storage.models import (
+    Candidate,
+    CapturedMessage,
+    Mailbox,
+    OutboxMessage,
+    TeamMember,
+    new_thread_key,
+    utcnow,
+)
+from atsmail.storage.repositories import ThreadRepository
 from atsmail.storage.store import UserError, checked_address
 
 # A message still failing for good reasons after this many attempts is given up.
 MAX_ATTEMPTS = 12
 FIRST_RETRY = 30.0
 LAST_RETRY = 3600.0
+# References kept in a reply: the thread's start and its latest messages matter.
+MAX_REFERENCES = 20
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,27 @@ class Route:
     # The connected mailbox to submit through; None: the hosted identity.
     mailbox: str | None
     signature: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Where a message from the ATS belongs: its thread's key, and what it answers."""
+
+    thread_key: str
+    candidate_id: str | None = None
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+
+
+def _chosen_route(member: TeamMember, box: Mailbox | None, address: str) -> Route:
+    if box is None or box.state == "disconnected":
+        raise UserError(f"no mailbox {address} is connected")
+    if box.shared and member.email not in box.visible_to:
+        raise UserError(f"{member.email} may not send from the shared mailbox {box.address} "
+                        f"(it is shared with {', '.join(box.visible_to)})")
+    if not box.shared and box.owner != member.email:
+        raise UserError(f"{box.address} is {box.owner}'s mailbox, not {member.email}'s")
+    return Route(box.address, member.name, box.address, box.signature)
 
 
 def outbox_json(item: OutboxMessage) -> dict[str, Any]:
@@ -51,13 +84,17 @@ class Outbox:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def route(self, sender: str) -> Route:
-        """The sender's own connected mailbox, else their hosted identity."""
+    async def route(self, sender: str, from_address: str | None = None) -> Route:
+        """The mailbox `from_address` (one the sender may send from), else the
+        sender's own connected mailbox, else their hosted identity."""
         sender = checked_address(sender)
         async with self.db.read() as session:
             member = await session.get(TeamMember, sender)
             if member is None:
                 raise UserError(f"{sender} is not a team member")
+            if from_address is not None:
+                return _chosen_route(member, await session.get(
+                    Mailbox, checked_address(from_address)), from_address)
             box = await session.scalar(select(Mailbox).where(
                 Mailbox.owner == sender, Mailbox.state != "disconnected"))
         if box is not None:
@@ -67,16 +104,47 @@ class Outbox:
         raise UserError(f"{sender} has no connected mailbox and no hosted identity to send "
                         "from (`atsmail mailbox connect` or `atsmail identity hosted`)")
 
-    async def check_candidate(self, candidate_id: str) -> None:
-        async with self.db.read() as session:
-            if await session.get(Candidate, candidate_id) is None:
-                raise UserError(f"unknown candidate {candidate_id}")
+    async def conversation(self, candidate_id: str | None,
+                           thread_id: int | None) -> Conversation:
+        """A new thread (for `candidate_id`, if given), or a reply in `thread_id`."""
+        if thread_id is None:
+            if candidate_id is not None:
+                async with self.db.read() as session:
+                    if await session.get(Candidate, candidate_id) is None:
+                        raise UserError(f"unknown candidate {candidate_id}")
+            return Conversation(new_thread_key(), candidate_id)
+        async with self.db.write() as session:
+            threads = ThreadRepository(session)
+            thread = await threads.get(thread_id)
+            messages = await threads.messages(thread_id) if thread else []
+            if thread is None or not messages:
+                raise UserError(f"unknown thread {thread_id}")
+            candidates = (await threads.thread_candidates([thread_id])).get(thread_id, [])
+            if candidate_id is None:
+                if len(candidates) != 1:
+                    raise UserError(f"thread {thread_id} concerns {', '.join(candidates)}: "
+                                    "say which with --candidate")
+                candidate_id = candidates[0]
+            elif candidate_id not in candidates:
+                raise UserError(f"thread {thread_id} does not concern candidate {candidate_id}")
+            if thread.key is None:  # a thread from before keys existed
+                thread.key = new_thread_key()
+            last = next((m for m in reversed(messages) if m.message_id), None)
+            if last is None:
+                return Conversation(thread.key, candidate_id)
+            raw = await session.scalar(
+                select(CapturedMessage.raw).where(CapturedMessage.id == last.id))
+            earlier = read_message(raw or b"").references if raw else ()
+            assert last.message_id is not None
+            return Conversation(thread.key, candidate_id, last.message_id,
+                                (*earlier[-(MAX_REFERENCES - 1):], last.message_id))
 
     async def queue(self, sender: str, route: Route, recipients: list[str],
-                    candidate_id: str | None, message_id: str, raw: bytes) -> OutboxMessage:
+                    conversation: Conversation, message_id: str, raw: bytes) -> OutboxMessage:
         item = OutboxMessage(
             sender=checked_address(sender), from_address=route.from_address,
-            mailbox=route.mailbox, recipients=recipients, candidate_id=candidate_id,
+            mailbox=route.mailbox, recipients=recipients,
+            candidate_id=conversation.candidate_id, thread_key=conversation.thread_key,
             message_id=message_id, raw=raw, status="queued", attempts=0)
         async with self.db.write() as session:
             session.add(item)

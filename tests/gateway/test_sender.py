@@ -22,13 +22,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from atsmail.config import DkimConfig, SecretsConfig
-from atsmail.gateway.sender import compose
+from atsmail.gateway.sender import queue_message
+from atsmail.rules import read_message
 from atsmail.secrets import Secrets
-from atsmail.storage import Store
+from atsmail.storage import Store, UserError
 from atsmail.storage.mailboxes import Account, Mailboxes
-from atsmail.storage.models import OutboxMessage
+from atsmail.storage.models import OutboxMessage, new_thread_key, our_message_id, thread_key_of
 from atsmail.storage.outbox import Outbox
-from tests.conftest import GatewayFactory, Sink
+from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
 from tests.dovecot import Dovecot
 from tests.gateway.test_mirror import FAST, eventually
 
@@ -69,11 +70,9 @@ async def submission() -> AsyncIterator[SubmissionServer]:
 
 
 async def queue(store: Store, sender: str, to: list[str], subject: str,
-                candidate: str | None = None) -> OutboxMessage:
-    outbox = Outbox(store.db)
-    route = await outbox.route(sender)
-    message_id, raw = compose(route, to, subject, "Dear Ada,\n\nwelcome.\n")
-    return await outbox.queue(sender, route, to, candidate, message_id, raw)
+                candidate: str | None = None, **options: Any) -> OutboxMessage:
+    return await queue_message(store.db, sender, to, subject, "Dear Ada,\n\nwelcome.\n",
+                               candidate, **options)
 
 
 async def status_of(store: Store, item_id: int) -> OutboxMessage:
@@ -231,7 +230,96 @@ async def test_hosted_identity_mail_goes_through_the_upstream_dkim_signed(
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 async def test_no_route_is_a_clear_error(team: Store, tmp_path: Path) -> None:
-    from atsmail.storage import UserError
     with pytest.raises(UserError, match="no connected mailbox and no hosted identity"):
         await Outbox(team.db).route("recruiter@example.com")
 
+
+
+async def sent_from_hosted(team: Store, gateway_factory: GatewayFactory,
+                           secrets_config: SecretsConfig, **options: Any) -> OutboxMessage:
+    """Send for the recruiter's hosted identity through the gateway; wait until sent."""
+    await Mailboxes(team.db).set_hosted_identity("recruiter@example.com", "rita@hosted.example")
+    if not hasattr(team, "_gateway"):
+        team._gateway = await gateway_factory(secrets=secrets_config)
+    item = await queue(team, "recruiter@example.com", [ADA], "Your application", **options)
+
+    async def sent_and_captured() -> bool:
+        if (await status_of(team, item.id)).status != "sent":
+            return False
+        details = [await team.thread(t.id) for t in await team.threads()]
+        return any(m["message_id"] == item.message_id for d in details for m in d.messages)
+
+    await eventually(sent_and_captured)
+    return item
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_reply_from_another_address_finds_the_thread_by_our_message_id(
+        gateway_factory: GatewayFactory, team: Store, secrets_config: SecretsConfig,
+        sink: Sink) -> None:
+    item = await sent_from_hosted(team, gateway_factory, secrets_config, candidate="C-1")
+    key = thread_key_of(item.message_id)
+    assert key is not None and item.message_id.endswith("@hosted.example")
+    [thread] = await team.threads("C-1")
+    gateway = team._gateway
+    # Ada answers from a private address the ATS does not know, and her
+    # client refers to a message of ours in the thread that the store has
+    # not kept (here: one that names the thread's key only).
+    unknown = our_message_id(key, "hosted.example")
+    reply = make_mail("ada.private@elsewhere.test", "rita@hosted.example", "Re: Your application",
+                      In_Reply_To=f"<{unknown}>")
+    result = await smtp_send(gateway.relay.port, reply, "ada.private@elsewhere.test",
+                             ["rita@hosted.example"])
+    assert result.code == 250
+    [after] = await team.threads("C-1")
+    assert (after.id, after.message_count) == (thread.id, 2)
+    # A made-up key finds nothing: strangers cannot post into threads.
+    forged = make_mail("mallory@elsewhere.test", "rita@hosted.example", "Re: hi",
+                       In_Reply_To=f"<{our_message_id(new_thread_key(), 'hosted.example')}>")
+    await smtp_send(gateway.relay.port, forged, "mallory@elsewhere.test",
+                    ["rita@hosted.example"])
+    assert [t.message_count for t in await team.threads("C-1")] == [2]
+    assert len(await team.threads()) == 1
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_answering_in_a_thread_refers_to_its_latest_message(
+        gateway_factory: GatewayFactory, team: Store, secrets_config: SecretsConfig,
+        sink: Sink) -> None:
+    first = await sent_from_hosted(team, gateway_factory, secrets_config, candidate="C-1")
+    [thread] = await team.threads("C-1")
+    # The candidate is taken from the thread when not given.
+    second = await sent_from_hosted(team, gateway_factory, secrets_config, thread_id=thread.id)
+    assert second.candidate_id == "C-1"
+    assert thread_key_of(second.message_id) == thread_key_of(first.message_id)
+    headers = read_message(sink.messages[-1].content)
+    assert headers.in_reply_to == (first.message_id,)
+    assert headers.references == (first.message_id,)
+    [after] = await team.threads("C-1")
+    assert (after.id, after.message_count) == (thread.id, 2)
+    with pytest.raises(UserError, match="does not concern candidate C-2"):
+        await queue(team, "recruiter@example.com", [ADA], "x", candidate="C-2",
+                    thread_id=thread.id)
+    with pytest.raises(UserError, match="unknown thread 999"):
+        await queue(team, "recruiter@example.com", [ADA], "x", thread_id=999)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_shared_mailbox_sends_for_its_people_only_with_its_signature(
+        team: Store, secrets_config: SecretsConfig) -> None:
+    await team.add_team_member("lena@example.com", "Lena Lead", "recruiter")
+    await Mailboxes(team.db).connect(Account(
+        address="jobs@example.com", provider="imap", owner=None, shared=True,
+        visible_to=["recruiter@example.com"], imap_host="127.0.0.1", imap_port=free_port(),
+        smtp_host="127.0.0.1", smtp_port=free_port(), security="none",
+        username="jobs@example.com", sealed_secret=Secrets.load(secrets_config).seal("pw"),
+        signature="The Example Ltd hiring team"))
+    item = await queue(team, "recruiter@example.com", [ADA], "Thanks for applying",
+                       candidate="C-1", from_address="jobs@example.com")
+    assert (item.mailbox, item.from_address) == ("jobs@example.com", "jobs@example.com")
+    assert b"-- \r\nThe Example Ltd hiring team" in item.raw
+    with pytest.raises(UserError, match=r"may not send from the shared mailbox jobs@example\.com"):
+        await queue(team, "lena@example.com", [ADA], "x", from_address="jobs@example.com")
+    with pytest.raises(UserError, match=r"no mailbox nobody@example\.com is connected"):
+        await queue(team, "recruiter@example.com", [ADA], "x",
+                    from_address="nobody@example.com")
