@@ -26,6 +26,7 @@ from atsmail.storage.models import (
     MessageCandidate,
     MessageSource,
     Notice,
+    OutboxMessage,
     TeamMember,
     Thread,
 )
@@ -159,6 +160,14 @@ class CandidateRepository:
         ]
 
     async def delete(self, candidate_id: str) -> None:
+        """The candidate, and what the outbox still holds of mail to or for them."""
+        emails = set(await self.session.scalars(select(CandidateEmail.email).where(
+            CandidateEmail.candidate_id == candidate_id)))
+        outbox = await self.session.execute(select(OutboxMessage.id, OutboxMessage.candidate_id,
+                                                   OutboxMessage.recipients))
+        theirs = [i for i, cid, to in outbox if cid == candidate_id or emails & set(to)]
+        if theirs:
+            await self.session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(theirs)))
         await self.session.execute(delete(Candidate).where(Candidate.id == candidate_id))
 
 

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from atsmail.gateway.sender import queue_message
 from atsmail.rules import Context, decide, read_message
 from atsmail.storage import Capture, CaptureWriter, Store, UserError
+from atsmail.storage.mailboxes import Mailboxes
 from atsmail.storage.migrate import is_current
+from atsmail.storage.outbox import Outbox
 from tests.conftest import make_mail
 
 RECRUITER = "recruiter@example.com"
@@ -130,10 +133,17 @@ async def test_erased_text_is_gone_from_the_sqlite_files(team: Store, store_url:
     marker = "Zebrafinch-Secret-7731"
     await capture(team, make_mail(RECRUITER, "ada@applicant.test", f"About {marker}",
                                   f"The {marker} body.\n" * 50))
+    # What the outbox holds for her goes too, sent or not.
+    await Mailboxes(team.db).set_hosted_identity(RECRUITER, "rita@hosted.example")
+    await queue_message(team.db, RECRUITER, ["ada@applicant.test"], f"Re {marker}",
+                        f"Outbox {marker}.\n" * 50)
+    await queue_message(team.db, RECRUITER, ["someone@else.test"], f"Other {marker}",
+                        "Not hers.\n", candidate_id="C-1")
     await team.db.checkpoint()
     assert marker.encode() in path.read_bytes()
 
     assert (await team.delete_candidate("C-1"))[1], "the files are scrubbed"
+    assert await Outbox(team.db).all() == []
     files = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
     for file in files:
         assert marker.encode() not in file.read_bytes(), file.name
