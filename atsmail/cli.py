@@ -28,8 +28,9 @@ from atsmail.rules import decide, read_message
 from atsmail.secrets import SecretError, Secrets, create_key_file
 from atsmail.storage import Store, UserError
 from atsmail.storage.mailboxes import PROVIDERS, SECURITY, Account, Mailboxes, mailbox_json
-from atsmail.storage.models import FOLDER_ROLES, ROLES
+from atsmail.storage.models import FOLDER_ROLES, ROLES, SHARING_LEVELS
 from atsmail.storage.outbox import Outbox, outbox_json
+from atsmail.storage.visibility import Viewer
 
 T = TypeVar("T")
 
@@ -426,13 +427,25 @@ def _record(item: Any) -> Record | str:
 # --- captured mail -----------------------------------------------------------
 
 
+as_option = click.option(
+    "--as", "viewer", metavar="USER_EMAIL",
+    help="Show only what this team member may see (shared mailboxes, sharing levels).")
+
+
+async def _with_viewer(store: Store, email: str | None,
+                       read: Callable[[Viewer | None], Awaitable[T]]) -> T:
+    return await read(await store.viewer(email) if email else None)
+
+
 @main.command()
 @click.option("--candidate", "candidate_id", metavar="CANDIDATE_ID")
+@as_option
 @json_option
 @click.pass_context
-def threads(ctx: click.Context, candidate_id: str | None, as_json: bool) -> None:
+def threads(ctx: click.Context, candidate_id: str | None, viewer: str | None,
+            as_json: bool) -> None:
     """List captured threads, newest first."""
-    found = _run(ctx, lambda s: s.threads(candidate_id))
+    found = _run(ctx, lambda s: _with_viewer(s, viewer, lambda v: s.threads(candidate_id, v)))
     if as_json:
         _print_json([t.to_json() for t in found])
     else:
@@ -447,11 +460,12 @@ def thread() -> None:
 
 @thread.command("show")
 @click.argument("thread_id", type=int)
+@as_option
 @json_option
 @click.pass_context
-def thread_show(ctx: click.Context, thread_id: int, as_json: bool) -> None:
+def thread_show(ctx: click.Context, thread_id: int, viewer: str | None, as_json: bool) -> None:
     """Show a thread's messages."""
-    detail = _run(ctx, lambda s: s.thread(thread_id))
+    detail = _run(ctx, lambda s: _with_viewer(s, viewer, lambda v: s.thread(thread_id, v)))
     if as_json:
         data = detail.to_json()
         for message in data["messages"]:
@@ -603,6 +617,20 @@ def mailbox_set_role(ctx: click.Context, address: str, folder: str, role: str) -
     """Make a folder incoming, outgoing, or not synced (none)."""
     _run(ctx, lambda s: Mailboxes(s.db).set_role(address, folder, role))
     click.echo(f"{address} {folder}: {role}")
+
+
+@mailbox.command("set-sharing")
+@click.argument("address")
+@click.argument("level", type=click.Choice(SHARING_LEVELS))
+@click.pass_context
+def mailbox_set_sharing(ctx: click.Context, address: str, level: str) -> None:
+    """How much of a personal mailbox's mail the rest of the team sees.
+
+    full: everything; subject: no bodies; metadata: participants and dates only.
+    The owner, the people taking part and compliance always see everything.
+    """
+    _run(ctx, lambda s: Mailboxes(s.db).set_sharing(address, level))
+    click.echo(f"{address}: the team sees {level}")
 
 
 @mailbox.command("disconnect")

@@ -355,3 +355,14 @@ def test_send_queues_in_the_outbox(cli: Cli, tmp_path: Path) -> None:
     assert [{k: m[k] for k in ("id", "message_id", "status", "attempts", "last_error")}
             for m in listed] == [{"id": queued["id"], "message_id": queued["message_id"],
                                   "status": "queued", "attempts": 0, "last_error": None}]
+
+
+def test_reading_as_a_team_member(cli: Cli) -> None:
+    cli("user", "add", "rita@example.com", "--name", "Rita")
+    assert "not a team member" in cli("threads", "--as", "nobody@example.com", code=1).stderr
+    assert cli.json("threads", "--as", "rita@example.com") == []
+    assert "unknown thread 3" in cli("thread", "show", "3", "--as", "rita@example.com",
+                                     code=1).stderr
+    assert "no mailbox rita@example.com is connected" in cli(
+        "mailbox", "set-sharing", "rita@example.com", "subject", code=1).stderr
+    cli("mailbox", "set-sharing", "rita@example.com", "secret", code=2)

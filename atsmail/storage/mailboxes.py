@@ -14,7 +14,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from atsmail.storage.db import Database
-from atsmail.storage.models import FOLDER_ROLES, Mailbox, MailboxFolder, TeamMember, utcnow
+from atsmail.storage.models import (
+    FOLDER_ROLES,
+    SHARING_LEVELS,
+    Mailbox,
+    MailboxFolder,
+    TeamMember,
+    utcnow,
+)
 from atsmail.storage.store import UserError, checked_address
 
 PROVIDERS = ("imap", "gmail", "outlook")
@@ -64,7 +71,8 @@ def mailbox_json(box: Mailbox) -> dict[str, Any]:
         "address": box.address, "provider": box.provider, "owner": box.owner,
         "shared": box.shared, "visible_to": list(box.visible_to), "state": box.state,
         "last_sync": box.last_sync.isoformat() if box.last_sync else None,
-        "last_error": box.last_error, "imap": f"{box.imap_host}:{box.imap_port}",
+        "last_error": box.last_error, "sharing": None if box.shared else box.sharing,
+        "imap": f"{box.imap_host}:{box.imap_port}",
         "security": box.security,
     }
 
@@ -174,6 +182,19 @@ class Mailboxes:
                 raise UserError(f"{address} has no folder {folder!r} (see `atsmail mailbox "
                                 f"folders {address}`)")
             found.role, found.role_fixed = role, True
+
+    async def set_sharing(self, address: str, level: str) -> None:
+        if level not in SHARING_LEVELS:
+            raise UserError(f"unknown sharing level {level!r}: one of {', '.join(SHARING_LEVELS)}")
+        address = checked_address(address)
+        async with self.db.write() as session:
+            box = await session.get(Mailbox, address)
+            if box is None or box.state == "disconnected":
+                raise UserError(f"no mailbox {address} is connected")
+            if box.shared:
+                raise UserError(f"{address} is a shared mailbox: only the people it lists see "
+                                "its mail, whatever the sharing level")
+            box.sharing = level
 
     # --- for the mirror ------------------------------------------------------
 

@@ -249,6 +249,20 @@ class ThreadRepository:
             .where(CapturedMessage.thread_id == thread_id, CapturedMessage.state == "confirmed")
             .order_by(CapturedMessage.date, CapturedMessage.id)))
 
+    async def messages_in(self, thread_ids: Collection[int],
+                          candidate_id: str | None = None) -> list[CapturedMessage]:
+        """The confirmed messages of `thread_ids` (only `candidate_id`'s, if given)."""
+        if not thread_ids:
+            return []
+        query = (select(CapturedMessage).options(defer(CapturedMessage.raw))
+                 .where(CapturedMessage.thread_id.in_(thread_ids),
+                        CapturedMessage.state == "confirmed"))
+        if candidate_id is not None:
+            query = query.where(CapturedMessage.id.in_(
+                select(MessageCandidate.message_pk)
+                .where(MessageCandidate.candidate_id == candidate_id)))
+        return list(await self.session.scalars(query))
+
     async def sources(self, message_pks: Collection[int]) -> dict[int, list[str]]:
         """Every kind of place each message was seen in, first seen first."""
         found: dict[int, list[str]] = defaultdict(list)

@@ -9,8 +9,9 @@ that says which address went and why.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import ColumnElement
@@ -21,7 +22,14 @@ from atsmail.storage import lookup
 from atsmail.storage.db import Database
 from atsmail.storage.lookup import Directory, load_directory
 from atsmail.storage.migrate import is_current, migrate
-from atsmail.storage.models import ROLES, CandidateEmail, InternalDomain, Job, TeamMember
+from atsmail.storage.models import (
+    ROLES,
+    CandidateEmail,
+    CapturedMessage,
+    InternalDomain,
+    Job,
+    TeamMember,
+)
 from atsmail.storage.repositories import (
     CandidateRepository,
     CandidateView,
@@ -31,6 +39,7 @@ from atsmail.storage.repositories import (
     ThreadRepository,
     ThreadSummary,
 )
+from atsmail.storage.visibility import LEVELS, Viewer, load_viewer, message_access
 
 MAX_ADDRESS_LENGTH = 320
 MAX_ID_LENGTH = 100
@@ -268,30 +277,71 @@ class Store:
         return await self.db.run(
             lambda conn: lookup.context_for(conn, facts, None, capture_forwards), write=False)
 
-    async def threads(self, candidate_id: str | None = None) -> list[ThreadSummary]:
+    async def viewer(self, email: str) -> Viewer:
+        """A team member as a reader of captured mail."""
+        async with self.db.read() as session:
+            found = await load_viewer(session, checked_address(email))
+        if found is None:
+            raise UserError(f"{email} is not a team member")
+        return found
+
+    async def threads(self, candidate_id: str | None = None,
+                      viewer: Viewer | None = None) -> list[ThreadSummary]:
+        """Threads, newest first; for a `viewer`, only what they may see of them."""
         async with self.db.read() as session:
             if candidate_id is not None and await CandidateRepository(session).get(
                     candidate_id) is None:
                 raise UserError(f"unknown candidate {candidate_id}")
-            return await ThreadRepository(session).summaries(candidate_id)
+            repo = ThreadRepository(session)
+            summaries = await repo.summaries(candidate_id)
+            if viewer is None:
+                return summaries
+            messages = await repo.messages_in([t.id for t in summaries], candidate_id)
+            levels = await message_access(session, viewer, messages)
+        seen: dict[int, list[tuple[CapturedMessage, str]]] = defaultdict(list)
+        for m in messages:
+            if (level := levels[m.id]) is not None:
+                seen[m.thread_id].append((m, level))
+        return [
+            replace(t, subject=t.subject if _best(level for _, level in seen[t.id]) != "metadata"
+                    else "", message_count=len(seen[t.id]),
+                    last_date=max(m.date or m.created_at for m, _ in seen[t.id]))
+            for t in summaries if seen[t.id]
+        ]
 
-    async def thread(self, thread_id: int) -> ThreadDetail:
+    async def thread(self, thread_id: int, viewer: Viewer | None = None) -> ThreadDetail:
+        """A thread's messages; for a `viewer`, those they may see, as far as they may."""
         async with self.db.read() as session:
             repo = ThreadRepository(session)
             thread = await repo.get(thread_id)
             messages = await repo.messages(thread_id) if thread else []
+            levels: dict[int, str | None] = dict.fromkeys((m.id for m in messages), "full")
+            if viewer is not None:
+                levels = await message_access(session, viewer, messages)
+                messages = [m for m in messages if levels[m.id] is not None]
             if thread is None or not messages:
                 raise UserError(f"unknown thread {thread_id}")
             candidates = (await repo.thread_candidates([thread_id])).get(thread_id, [])
             sources = await repo.sources([m.id for m in messages])
-        return ThreadDetail(thread.id, thread.subject, candidates, [
-            {"message_id": m.message_id, "direction": m.direction, "source": m.source,
-             "sources": sources.get(m.id, [m.source]),
-             "from": m.from_addr, "to": m.to_addrs, "cc": m.cc_addrs, "subject": m.subject,
-             "date": m.date.isoformat() if m.date else None, "size": m.size,
-             "trace": m.trace}
+        subject = thread.subject if _best(levels[m.id] for m in messages) != "metadata" else ""
+        return ThreadDetail(thread.id, subject, candidates, [
+            _message_json(m, sources.get(m.id, [m.source]), levels[m.id] or "full")
             for m in messages
         ])
+
+
+def _best(levels: Iterable[str | None]) -> str:
+    return max((level for level in levels if level), key=LEVELS.index)
+
+
+def _message_json(m: CapturedMessage, sources: list[str], level: str) -> dict[str, Any]:
+    """A message as a reader at `level` sees it: at `metadata`, no subject."""
+    shown = level != "metadata"
+    return {"id": m.id, "message_id": m.message_id, "direction": m.direction,
+            "source": m.source, "sources": sources, "from": m.from_addr, "to": m.to_addrs,
+            "cc": m.cc_addrs, "subject": m.subject if shown else "",
+            "date": m.date.isoformat() if m.date else None, "size": m.size,
+            "access": level, "trace": m.trace if shown else []}
 
 
 def _like_escape(text: str) -> str:
