@@ -168,6 +168,11 @@ class Dovecot:
         """A fresh, empty mailbox: (address, password)."""
         return f"{name}{next(self._ids)}@example.com", PASSWORD
 
+    def kick(self, address: str) -> None:
+        """End the user's sessions, as a server restart or a network drop would."""
+        subprocess.run(["doveadm", "-c", str(self.root / "dovecot.conf"), "kick", address],
+                       check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+
     def client(self, address: str, password: str) -> imaplib.IMAP4:
         client = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
         client.login(address, password)
