@@ -27,7 +27,14 @@ from atsmail.gateway.sender import queue_message
 from atsmail.rules import decide, read_message
 from atsmail.secrets import SecretError, Secrets, create_key_file
 from atsmail.storage import Store, UserError
-from atsmail.storage.mailboxes import PROVIDERS, SECURITY, Account, Mailboxes, mailbox_json
+from atsmail.storage.mailboxes import (
+    OAUTH2_PROVIDERS,
+    PROVIDERS,
+    SECURITY,
+    Account,
+    Mailboxes,
+    mailbox_json,
+)
 from atsmail.storage.models import FOLDER_ROLES, ROLES, SHARING_LEVELS
 from atsmail.storage.outbox import Outbox, outbox_json
 from atsmail.storage.visibility import Viewer
@@ -509,10 +516,11 @@ def explain(ctx: click.Context, file: Path, mail_from: str | None, rcpt: tuple[s
 
 # --- mailboxes -----------------------------------------------------------------
 
-# Where each provider's servers are, unless --imap/--smtp say otherwise.
+# Where each provider's servers are, and the SMTP server's TLS, unless
+# --imap/--smtp/--smtp-security say otherwise.
 PRESETS = {
-    "gmail": ("imap.gmail.com:993", "smtp.gmail.com:465"),
-    "outlook": ("outlook.office365.com:993", "smtp.office365.com:587"),
+    "gmail": ("imap.gmail.com:993", "smtp.gmail.com:465", "ssl"),
+    "outlook": ("outlook.office365.com:993", "smtp.office365.com:587", "starttls"),
 }
 
 
@@ -530,21 +538,36 @@ def mailbox() -> None:
               help="Who may see a shared mailbox's mail; repeat for more.")
 @click.option("--imap", "imap_at", metavar="HOST:PORT",
               help="IMAP server (preset for gmail and outlook).")
-@click.option("--smtp", "smtp_at", metavar="HOST:PORT", help="SMTP server for sending.")
+@click.option("--smtp", "smtp_at", metavar="HOST:PORT",
+              help="SMTP server for sending (preset for gmail and outlook).")
 @click.option("--security", type=click.Choice(SECURITY), default="ssl", show_default=True,
-              help="ssl: implicit TLS; starttls; none: plaintext, only when asked for.")
+              help="The IMAP server's TLS. ssl: implicit TLS; starttls; none: plaintext, "
+                   "only when asked for.")
+@click.option("--smtp-security", type=click.Choice(SECURITY),
+              help="The SMTP server's TLS (default: the preset's, else as --security).")
 @click.option("--username", help="Login name (default: the address).")
 @click.option("--password-env", metavar="VAR", help="Read the password from this variable.")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Read the password from this file.")
+@click.option("--refresh-token-env", metavar="VAR",
+              help="gmail, outlook: log in with OAuth2, from the refresh token in this variable.")
+@click.option("--refresh-token-file", type=click.Path(exists=True, dir_okay=False,
+                                                      path_type=Path),
+              help="gmail, outlook: log in with OAuth2, from the refresh token in this file.")
 @click.option("--signature-file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context
 def mailbox_connect(ctx: click.Context, address: str, provider: str, owner: str | None,
                     shared: bool, visible_to: tuple[str, ...], imap_at: str | None,
-                    smtp_at: str | None, security: str, username: str | None,
-                    password_env: str | None, password_file: Path | None,
+                    smtp_at: str | None, security: str, smtp_security: str | None,
+                    username: str | None, password_env: str | None, password_file: Path | None,
+                    refresh_token_env: str | None, refresh_token_file: Path | None,
                     signature_file: Path | None) -> None:
-    """Connect a mailbox: the mirror starts syncing it with the next `serve`."""
+    """Connect a mailbox: the mirror starts syncing it with the next `serve`.
+
+    It logs in with a password (for gmail and outlook: an app password), or,
+    for gmail and outlook, with OAuth2 from a refresh token the provider
+    issued to the client set up in [oauth.gmail] or [oauth.outlook].
+    """
     config = _config(ctx)
     if shared and owner:
         raise click.UsageError("give --owner or --shared, not both")
@@ -552,32 +575,57 @@ def mailbox_connect(ctx: click.Context, address: str, provider: str, owner: str 
         raise click.UsageError("give --owner USER_EMAIL, or --shared --visible-to USER_EMAIL")
     if shared and not visible_to:
         raise click.UsageError("a --shared mailbox needs at least one --visible-to USER_EMAIL")
-    imap_at = imap_at or PRESETS.get(provider, ("", ""))[0]
-    smtp_at = smtp_at or PRESETS.get(provider, ("", ""))[1]
+    preset = PRESETS.get(provider)
+    if smtp_security is None:
+        smtp_security = preset[2] if preset and not smtp_at else security
+    imap_at = imap_at or (preset[0] if preset else "")
+    smtp_at = smtp_at or (preset[1] if preset else "")
     if not imap_at:
         raise click.UsageError("--imap HOST:PORT is needed for provider imap")
-    if bool(password_env) == bool(password_file):
-        raise click.UsageError("give exactly one of --password-env VAR or --password-file FILE")
-    if password_env:
-        password = os.environ.get(password_env, "")
-        if not password:
-            raise click.ClickException(f"${password_env} is empty or not set")
-    else:
-        assert password_file is not None
-        password = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    given = [o for o, v in (("--password-env", password_env), ("--password-file", password_file),
+                            ("--refresh-token-env", refresh_token_env),
+                            ("--refresh-token-file", refresh_token_file)) if v]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --password-env VAR, --password-file FILE, "
+                               "--refresh-token-env VAR or --refresh-token-file FILE")
+    auth = "oauth2" if refresh_token_env or refresh_token_file else "password"
+    if auth == "oauth2":
+        if provider not in OAUTH2_PROVIDERS:
+            raise click.UsageError(f"{given[0]} is for gmail and outlook mailboxes; a {provider} "
+                                   "mailbox logs in with --password-env or --password-file")
+        if not config.oauth.client(provider).configured:
+            raise click.ClickException(
+                f"no OAuth2 client for {provider}: set [oauth.{provider}] client_id in "
+                f"{config.path} (see config.example.toml)")
+    secret = _secret(password_env or refresh_token_env, password_file or refresh_token_file)
     try:
         imap_host, imap_port = parse_host_port(imap_at)
         smtp_host, smtp_port = parse_host_port(smtp_at) if smtp_at else ("", 0)
-        sealed = Secrets.load(config.secrets).seal(password)
+        sealed = Secrets.load(config.secrets).seal(secret)
     except (ValueError, SecretError) as exc:
         raise click.ClickException(str(exc)) from None
     account = Account(
         address=address, provider=provider, owner=owner, shared=shared, visible_to=visible_to,
         imap_host=imap_host, imap_port=imap_port, smtp_host=smtp_host, smtp_port=smtp_port,
-        security=security, username=username or address.strip(), sealed_secret=sealed,
+        security=security, smtp_security=smtp_security, auth=auth,
+        username=username or address.strip(), sealed_secret=sealed,
         signature=signature_file.read_text(encoding="utf-8") if signature_file else "")
     _run(ctx, lambda s: Mailboxes(s.db).connect(account))
     click.echo(f"connected {address.strip().lower()}; `atsmail serve` keeps it in sync")
+
+
+def _secret(env: str | None, file: Path | None) -> str:
+    """A password or refresh token from a variable or a file, never from the command line."""
+    if env:
+        value = os.environ.get(env, "")
+        if not value:
+            raise click.ClickException(f"${env} is empty or not set")
+        return value
+    assert file is not None
+    value = file.read_text(encoding="utf-8").rstrip("\r\n")
+    if not value:
+        raise click.ClickException(f"{file} is empty")
+    return value
 
 
 @mailbox.command("list")
@@ -637,7 +685,7 @@ def mailbox_set_sharing(ctx: click.Context, address: str, level: str) -> None:
 @click.argument("address")
 @click.pass_context
 def mailbox_disconnect(ctx: click.Context, address: str) -> None:
-    """Stop mirroring a mailbox and forget its password."""
+    """Stop mirroring a mailbox and forget its password or refresh token."""
     _run(ctx, lambda s: Mailboxes(s.db).disconnect(address))
     click.echo(f"disconnected {address}")
 

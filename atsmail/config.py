@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,45 @@ class MirrorConfig:
     backfill_outlook_messages: int = 100
 
 
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+MICROSOFT_TOKEN_URL = "https://login.microsoftonline.com/common/oauth2/v2.0/token"
+OAUTH_PROVIDERS = ("gmail", "outlook")
+
+
+@dataclass(frozen=True)
+class OAuthClient:
+    """The gateway's OAuth2 client registration with one provider.
+
+    The client secret is named here (a variable or a file), never written
+    into the configuration file, and read only when a token is refreshed.
+    """
+
+    token_url: str
+    client_id: str = ""
+    client_secret_env: str = ""
+    client_secret_file: Path | None = None
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.client_id)
+
+
+@dataclass(frozen=True)
+class OAuthConfig:
+    """OAuth2 for gmail and outlook mailboxes connected with a refresh token."""
+
+    gmail: OAuthClient = field(default_factory=lambda: OAuthClient(GOOGLE_TOKEN_URL))
+    outlook: OAuthClient = field(default_factory=lambda: OAuthClient(MICROSOFT_TOKEN_URL))
+    # Seconds to wait for a token endpoint's answer.
+    timeout: float = 30.0
+
+    def client(self, provider: str) -> OAuthClient:
+        if provider not in OAUTH_PROVIDERS:
+            raise KeyError(provider)
+        client: OAuthClient = getattr(self, provider)
+        return client
+
+
 @dataclass(frozen=True)
 class DkimConfig:
     """Signing of mail sent from hosted identities; off until all three are set."""
@@ -119,6 +159,7 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    oauth: OAuthConfig = field(default_factory=OAuthConfig)
 
 
 def find_config_path(explicit: str | None) -> Path:
@@ -144,7 +185,7 @@ def load_config(path: Path) -> Config:
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     reader = _Reader(path)
     base = path.resolve().parent
-    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror", "dkim"})
+    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror", "dkim", "oauth"})
 
     storage = reader.table(data, "storage", {"url"})
     relay = reader.table(
@@ -163,6 +204,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         "backfill_gmail_hours", "backfill_outlook_messages"})
     mirror_defaults = MirrorConfig()
     dkim = reader.table(data, "dkim", {"selector", "domain", "key_file"})
+    oauth = reader.table(data, "oauth", {"timeout", *OAUTH_PROVIDERS})
 
     defaults = RelayConfig()
     listen_host, listen_port = reader.get(
@@ -229,7 +271,44 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             key_file=reader.get(dkim, "dkim.key_file", str,
                                 lambda v: base / Path(v).expanduser(), None),
         ),
+        oauth=OAuthConfig(
+            gmail=_oauth_client(reader, oauth, "gmail", GOOGLE_TOKEN_URL, base),
+            outlook=_oauth_client(reader, oauth, "outlook", MICROSOFT_TOKEN_URL, base),
+            timeout=reader.get(oauth, "oauth.timeout", (int, float), _seconds,
+                               OAuthConfig.timeout),
+        ),
     )
+
+
+def _oauth_client(reader: _Reader, oauth: Mapping[str, Any], provider: str, token_url: str,
+                  base: Path) -> OAuthClient:
+    name = f"oauth.{provider}"
+    table = reader.table(oauth, provider, {"token_url", "client_id", "client_secret_env",
+                                           "client_secret_file"}, prefix="oauth.")
+    client = OAuthClient(
+        token_url=reader.get(table, f"{name}.token_url", str, _token_url, token_url),
+        client_id=reader.get(table, f"{name}.client_id", str, str.strip, ""),
+        client_secret_env=reader.get(table, f"{name}.client_secret_env", str, str.strip, ""),
+        client_secret_file=reader.get(table, f"{name}.client_secret_file", str,
+                                      lambda v: base / Path(v).expanduser(), None),
+    )
+    if client.client_secret_env and client.client_secret_file:
+        raise reader.fail(f"{name}.client_secret_env",
+                          "give client_secret_env or client_secret_file, not both")
+    if (client.client_secret_env or client.client_secret_file) and not client.client_id:
+        raise reader.fail(f"{name}.client_id", "a client secret needs its client_id")
+    return client
+
+
+def _token_url(value: str) -> str:
+    """An https URL; plain http only to this machine, so no secret crosses a network bare."""
+    parsed = urllib.parse.urlsplit(value)
+    local = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+    if not parsed.hostname or not (parsed.scheme == "https" or
+                                   (parsed.scheme == "http" and local)):
+        raise ValueError(f"expected an https:// URL (http:// only to this machine), "
+                         f"got {value!r}")
+    return value
 
 
 T = TypeVar("T")
@@ -249,11 +328,12 @@ class _Reader:
             if key not in keys:
                 raise self.fail(f"{prefix}{key}", "unknown key")
 
-    def table(self, data: Mapping[str, Any], name: str, keys: set[str]) -> Mapping[str, Any]:
+    def table(self, data: Mapping[str, Any], name: str, keys: set[str],
+              prefix: str = "") -> Mapping[str, Any]:
         value = data.get(name, {})
         if not isinstance(value, dict):
-            raise self.fail(name, "must be a table")
-        self.known(value, f"{name}.", keys)
+            raise self.fail(f"{prefix}{name}", "must be a table")
+        self.known(value, f"{prefix}{name}.", keys)
         return value
 
     def get(

@@ -27,6 +27,8 @@ from atsmail.config import (
     Config,
     DkimConfig,
     MirrorConfig,
+    OAuthClient,
+    OAuthConfig,
     RelayConfig,
     SecretsConfig,
     StorageConfig,
@@ -36,6 +38,7 @@ from atsmail.gateway.server import Gateway
 from atsmail.secrets import create_key_file
 from atsmail.storage import Store
 from tests.dovecot import Dovecot, start_dovecot
+from tests.oauth import CLIENT_ID, CLIENT_SECRET, TokenService, start_token_service
 
 PG_URL = os.environ.get("ATSMAIL_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -235,6 +238,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     mirror: MirrorConfig = relay.pop("mirror", MirrorConfig(enabled=False))
     secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
     dkim: DkimConfig = relay.pop("dkim", DkimConfig())
+    oauth: OAuthConfig = relay.pop("oauth", OAuthConfig())
     return Config(
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
@@ -243,6 +247,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         secrets=secrets,
         mirror=mirror,
         dkim=dkim,
+        oauth=oauth,
     )
 
 
@@ -286,6 +291,42 @@ def dovecot_tls() -> Iterator[Dovecot]:
     assert server is not None
     yield server
     server.stop()
+
+
+# --- OAuth2: a local provider, and a Dovecot that checks its tokens ------------
+
+
+@pytest.fixture(scope="session")
+def token_service_running() -> Iterator[TokenService]:
+    service = start_token_service()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def token_service(token_service_running: TokenService) -> Iterator[TokenService]:
+    """The provider, as each test expects to find it: hour-long tokens, none rotated."""
+    yield token_service_running
+    token_service_running.lifetime = 3600
+    token_service_running.rotate = False
+
+
+@pytest.fixture(scope="session")
+def dovecot_oauth(token_service_running: TokenService) -> Iterator[Dovecot]:
+    server = start_dovecot(introspection_url=token_service_running.introspection_url)
+    require_peer(server is not None, "no dovecot on this machine (Debian: dovecot-imapd)")
+    assert server is not None
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def oauth_config(token_service: TokenService, monkeypatch: pytest.MonkeyPatch) -> OAuthConfig:
+    """The gateway registered as a client of the local provider, for gmail and outlook."""
+    monkeypatch.setenv("ATSMAIL_TEST_CLIENT_SECRET", CLIENT_SECRET)
+    client = OAuthClient(token_service.token_url, CLIENT_ID,
+                         client_secret_env="ATSMAIL_TEST_CLIENT_SECRET")
+    return OAuthConfig(gmail=client, outlook=client, timeout=5)
 
 
 @pytest.fixture

@@ -23,6 +23,26 @@ MAIL_UID = MAIL_GID = 65534
 # any other password is refused).
 PASSWORD = "mailbox-secret"
 
+# With OAuth2, bearer tokens are checked at the test token service's
+# introspection endpoint (RFC 7662: POST token=..., {"active": true, "username":
+# ...}); the static password still serves the tests' own delivery logins.
+OAUTH2_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/dovecot-oauth2.conf.ext
+}}
+"""
+OAUTH2_CONFIG = """\
+introspection_mode = post
+introspection_url = {introspection_url}
+username_attribute = username
+active_attribute = active
+active_value = true
+force_introspection = yes
+timeout_msecs = 5000
+"""
+
 CONFIG = """\
 protocols = imap
 listen = 127.0.0.1
@@ -31,7 +51,7 @@ state_dir = {root}/state
 log_path = {root}/dovecot.log
 {ssl}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 # Every test logs in from 127.0.0.1: one test's wrong password must not slow
 # the others' logins down (Dovecot's per-address auth penalty).
 login_trusted_networks = 127.0.0.0/8
@@ -39,8 +59,8 @@ auth_failure_delay = 0
 passdb {{
   driver = static
   args = password={password}
-}}
-userdb {{
+{static_mechanisms}}}
+{oauth2_passdb}userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/mail/%u
 }}
@@ -90,6 +110,8 @@ class Dovecot:
     cert: Path | None = None
     key: Path | None = None
     tls_port: int = 0
+    # With an introspection URL, XOAUTH2 and OAUTHBEARER logins are checked there.
+    introspection_url: str = ""
     process: subprocess.Popen[bytes] | None = None
     _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -100,9 +122,18 @@ class Dovecot:
         ssl = (f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.key}"
                if self.cert else "ssl = no")
         self.tls_port = self.tls_port or free_port()
+        oauth2 = bool(self.introspection_url)
+        if oauth2:
+            (self.root / "dovecot-oauth2.conf.ext").write_text(
+                OAUTH2_CONFIG.format(introspection_url=self.introspection_url))
         (self.root / "dovecot.conf").write_text(CONFIG.format(
             root=self.root, port=self.port, tls_port=self.tls_port, ssl=ssl, password=PASSWORD,
-            uid=MAIL_UID, gid=MAIL_GID))
+            uid=MAIL_UID, gid=MAIL_GID,
+            mechanisms="plain login xoauth2 oauthbearer" if oauth2 else "plain login",
+            # The static password must not log in XOAUTH2 users: a token is
+            # only ever checked at the token service.
+            static_mechanisms="  mechanisms = plain login\n" if oauth2 else "",
+            oauth2_passdb=OAUTH2_PASSDB.format(root=self.root) if oauth2 else ""))
         with (self.root / "stdout.log").open("wb") as out:
             # Its master keeps stdio open: never a pipe.
             self.process = subprocess.Popen(
@@ -137,6 +168,11 @@ class Dovecot:
         """A fresh, empty mailbox: (address, password)."""
         return f"{name}{next(self._ids)}@example.com", PASSWORD
 
+    def kick(self, address: str) -> None:
+        """End the user's sessions, as a server restart or a network drop would."""
+        subprocess.run(["doveadm", "-c", str(self.root / "dovecot.conf"), "kick", address],
+                       check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+
     def client(self, address: str, password: str) -> imaplib.IMAP4:
         client = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
         client.login(address, password)
@@ -154,17 +190,18 @@ class Dovecot:
             client.logout()
 
 
-def start_dovecot(tls: bool = False) -> Dovecot | None:
+def start_dovecot(tls: bool = False, introspection_url: str = "") -> Dovecot | None:
     """A running server, or None when this machine has no Dovecot.
 
     With `tls`, it has a self-signed certificate for 127.0.0.1, written to
-    `root/cert.pem` for clients to trust.
+    `root/cert.pem` for clients to trust. With `introspection_url`, it also
+    takes OAuth2 bearer tokens, checked there.
     """
     if shutil.which("dovecot") is None:
         return None
     root = Path(tempfile.mkdtemp(prefix="atsm-dv-", dir="/tmp"))  # short: socket paths
     root.chmod(0o755)  # its unprivileged processes read files here
-    server = Dovecot(root, free_port())
+    server = Dovecot(root, free_port(), introspection_url=introspection_url)
     if tls:
         server.cert, server.key = _self_signed(root)
     server.start()

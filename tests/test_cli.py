@@ -91,6 +91,14 @@ def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
     ("[relay]\nupstream_timeout = nan\n", "relay.upstream_timeout: must be a positive"),
     ("[relay]\nhostname = \"a\\r\\nb\"\n", "relay.hostname: not a host name"),
     ("[storage]\nurl = 'postgres://x/y'\n", "storage.url: expected sqlite+aiosqlite"),
+    ("[oauth.yahoo]\n", "oauth.yahoo: unknown key"),
+    ("[oauth.gmail]\nclient_secret = 'x'\n", "oauth.gmail.client_secret: unknown key"),
+    ("[oauth.gmail]\ntoken_url = 'http://idp.example/token'\n",
+     "oauth.gmail.token_url: expected an https:// URL"),
+    ("[oauth.outlook]\nclient_id = 'a'\nclient_secret_env = 'S'\nclient_secret_file = 's'\n",
+     "oauth.outlook.client_secret_env: give client_secret_env or client_secret_file"),
+    ("[oauth.outlook]\nclient_secret_env = 'S'\n", "oauth.outlook.client_id: a client secret"),
+    ("[oauth]\ntimeout = 0\n", "oauth.timeout: must be a positive"),
 ])
 def test_bad_configuration_names_the_file_and_key(tmp_path: Path, content: str,
                                                   expected: str) -> None:
@@ -274,6 +282,8 @@ def test_config_example_is_complete_and_valid(tmp_path: Path) -> None:
     config = load_config(example)
     assert config.relay.upstream.kind == "maildir"
     assert config.mirror.enabled and config.secrets.key_file.name == "atsmail.key"
+    assert config.oauth.gmail.token_url == "https://oauth2.googleapis.com/token"
+    assert config.oauth.outlook.token_url.startswith("https://login.microsoftonline.com/")
 
 
 def test_mailbox_commands(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,3 +376,47 @@ def test_reading_as_a_team_member(cli: Cli) -> None:
     assert "no mailbox rita@example.com is connected" in cli(
         "mailbox", "set-sharing", "rita@example.com", "subject", code=1).stderr
     cli("mailbox", "set-sharing", "rita@example.com", "secret", code=2)
+
+
+def test_mailbox_connect_with_a_refresh_token(cli: Cli, config_file: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cli("user", "add", "rita@example.com")
+    cli("user", "add", "sam@example.com")
+    monkeypatch.setenv("RITA_TOKEN", "1//refresh-token-of-rita")
+    gmail = ["mailbox", "connect", "rita@example.com", "--provider", "gmail", "--owner",
+             "rita@example.com"]
+    missing = cli(*gmail, "--refresh-token-env", "RITA_TOKEN", code=1)
+    assert "no OAuth2 client for gmail: set [oauth.gmail] client_id" in missing.stderr
+    assert str(config_file) in missing.stderr and "Traceback" not in missing.output
+    cli("mailbox", "connect", "x@example.com", "--provider", "imap", "--imap", "h.test:993",
+        "--owner", "sam@example.com", "--refresh-token-env", "RITA_TOKEN", code=2)
+    cli(*gmail, "--refresh-token-env", "RITA_TOKEN", "--password-env", "RITA_TOKEN", code=2)
+
+    config_file.write_text(config_file.read_text() + """
+[oauth.gmail]
+client_id = "1234.apps.googleusercontent.com"
+client_secret_env = "GMAIL_CLIENT_SECRET"
+
+[oauth.outlook]
+client_id = "00000000-0000-0000-0000-000000000000"
+""")
+    cli(*gmail, "--refresh-token-env", "RITA_TOKEN")
+    token_file = tmp_path / "sam.token"
+    token_file.write_text("M.C5-refresh-token-of-sam\n")
+    cli("mailbox", "connect", "sam@example.com", "--provider", "outlook", "--owner",
+        "sam@example.com", "--refresh-token-file", str(token_file))
+    cli("mailbox", "connect", "jobs@example.com", "--provider", "outlook", "--shared",
+        "--visible-to", "sam@example.com", "--password-env", "RITA_TOKEN")
+    listed = cli.json("mailbox", "list")
+    assert isinstance(listed, list)
+    assert [{k: m[k] for k in ("address", "auth", "imap", "security", "smtp", "smtp_security")}
+            for m in listed] == [
+        {"address": "jobs@example.com", "auth": "password",
+         "imap": "outlook.office365.com:993", "security": "ssl",
+         "smtp": "smtp.office365.com:587", "smtp_security": "starttls"},
+        {"address": "rita@example.com", "auth": "oauth2", "imap": "imap.gmail.com:993",
+         "security": "ssl", "smtp": "smtp.gmail.com:465", "smtp_security": "ssl"},
+        {"address": "sam@example.com", "auth": "oauth2", "imap": "outlook.office365.com:993",
+         "security": "ssl", "smtp": "smtp.office365.com:587", "smtp_security": "starttls"}]
+    stored = (tmp_path / "store" / "atsmail.db").read_bytes()
+    assert b"refresh-token-of-rita" not in stored and b"refresh-token-of-sam" not in stored

@@ -5,7 +5,8 @@ few things the mirror needs (folders with their special use, UIDVALIDITY,
 UID lists, message bytes by UID) and turns every failure into `ImapError`
 or `ImapAuthError`, with every wait bounded by a timeout. aioimaplib has no
 STARTTLS, so `starttls` upgrades its transport with asyncio's `start_tls`
-after the server agrees.
+after the server agrees. It logs in with a password, or with an OAuth2
+access token over SASL XOAUTH2.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+from base64 import b64encode
 from collections.abc import Iterable, Sequence
 from datetime import date
+from typing import Any
 
 import aioimaplib
+
+from atsmail.gateway.credentials import Credentials, Login
+from atsmail.storage.models import Mailbox
 
 _LIST_LINE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delim>"(?:[^"\\]|\\.)*"|NIL) (?P<name>.+)$')
 _FETCH_START = re.compile(rb"^\d+ FETCH \(")
@@ -48,7 +54,15 @@ class ImapSession:
         self.timeout = timeout
 
     @classmethod
-    async def open(cls, host: str, port: int, security: str, username: str, password: str,
+    async def for_mailbox(cls, box: Mailbox, credentials: Credentials,
+                          command_timeout: float) -> ImapSession:
+        """A session logged in to a connected mailbox; a stale access token is refreshed once."""
+        return await credentials.attempt(
+            box, lambda login: cls.open(box.imap_host, box.imap_port, box.security, login,
+                                        command_timeout), ImapAuthError)
+
+    @classmethod
+    async def open(cls, host: str, port: int, security: str, login: Login,
                    command_timeout: float) -> ImapSession:
         context = ssl.create_default_context()
         client: aioimaplib.IMAP4
@@ -59,14 +73,14 @@ class ImapSession:
             client = aioimaplib.IMAP4(host, port, timeout=command_timeout)
         session = cls(client, command_timeout)
         try:
-            await session._login(host, port, security, username, password, context)
+            await session._login(host, port, security, login, context)
         except BaseException:
             # Whatever went wrong (or a cancellation), leave no socket behind.
             session.abort()
             raise
         return session
 
-    async def _login(self, host: str, port: int, security: str, username: str, password: str,
+    async def _login(self, host: str, port: int, security: str, login: Login,
                      context: ssl.SSLContext) -> None:
         try:
             await self.client.wait_hello_from_server()
@@ -75,7 +89,10 @@ class ImapSession:
         try:
             if security == "starttls":
                 await self._starttls(host, context)
-            response = await self.client.login(username, password)
+            if login.oauth2:
+                response = await self._xoauth2(login)
+            else:
+                response = await self.client.login(login.username, login.secret)
         except TimeoutError:
             # Servers slow down answers after failed logins (Dovecot does).
             raise ImapError(f"{host}:{port}: login timed out") from None
@@ -86,6 +103,28 @@ class ImapSession:
             if "[UNAVAILABLE]" in text:  # RFC 5530: the server's trouble, not ours
                 raise ImapError(f"login failed for now: {text}")
             raise ImapAuthError(f"login refused: {text}")
+
+    async def _xoauth2(self, login: Login) -> Any:
+        """AUTHENTICATE XOAUTH2 with the initial response (SASL-IR).
+
+        Not aioimaplib's `xoauth2`: a refused token is reported in a server
+        challenge that the client must answer (with an empty line) before the
+        tagged NO comes, and aioimaplib would wait for that NO for ever.
+        """
+        protocol = self.client.protocol
+        if "AUTH=XOAUTH2" not in protocol.capabilities:
+            raise ImapAuthError("the server does not offer XOAUTH2 logins")
+        initial = b64encode(
+            f"user={login.username}\x01auth=Bearer {login.secret}\x01\x01".encode()).decode()
+        command = _Authenticate(protocol.transport, "AUTHENTICATE", protocol.new_tag(),
+                                "XOAUTH2", initial, loop=protocol.loop)
+        async with protocol.state_condition:
+            response = await asyncio.wait_for(protocol.execute(command, scrub=initial),
+                                              self.timeout)
+            if response.result == "OK":
+                protocol.state = aioimaplib.AUTH
+            protocol.state_condition.notify_all()
+        return response
 
     async def _starttls(self, host: str, context: ssl.SSLContext) -> None:
         protocol = self.client.protocol
@@ -222,6 +261,23 @@ class ImapSession:
         task = getattr(self.client, "_client_task", None)
         if task is not None and not task.done():
             task.cancel()
+
+
+class _Authenticate(aioimaplib.Command):  # type: ignore[misc]  # aioimaplib is untyped
+    """AUTHENTICATE that answers each server challenge with an empty response.
+
+    Under XOAUTH2 the only challenge is the server's error report; an empty
+    answer ends the exchange (RFC 7628 section 3.2.3).
+    """
+
+    def __init__(self, transport: asyncio.WriteTransport, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._transport = transport
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        if line.startswith(b"+"):
+            self._transport.write(b"\r\n")
+        super().append_to_resp(line, result=result)
 
 
 def _describe(exc: BaseException) -> str:

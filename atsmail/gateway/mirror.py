@@ -17,9 +17,10 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from atsmail.config import Config
+from atsmail.gateway.credentials import Credentials, CredentialsError, CredentialsRefusedError
 from atsmail.gateway.imap import ImapAuthError, ImapError, ImapSession, imap_date
 from atsmail.rules import Context, MessageFacts, decide, read_message
-from atsmail.secrets import SecretError, Secrets
+from atsmail.secrets import SecretError
 from atsmail.storage import Capture, CaptureWriter, Store, lookup
 from atsmail.storage.lookup import Directory, load_directory
 from atsmail.storage.mailboxes import FolderState, Mailboxes
@@ -41,10 +42,12 @@ DISCOVER_EVERY = 5.0
 class Mirror:
     """Starts and stops one watcher per connected mailbox."""
 
-    def __init__(self, config: Config, store: Store, writer: CaptureWriter) -> None:
+    def __init__(self, config: Config, store: Store, writer: CaptureWriter,
+                 credentials: Credentials) -> None:
         self.config = config
         self.store = store
         self.writer = writer
+        self.credentials = credentials
         self.mailboxes = Mailboxes(store.db)
         self.watchers: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -106,10 +109,11 @@ class Watcher:
         while True:
             try:
                 await self._connected()
-            except ImapAuthError as exc:
+            except (ImapAuthError, CredentialsRefusedError) as exc:
+                # Trying again soon would not help: an admin must act.
                 await self._trouble(str(exc))
                 delay = self.settings.reconnect_max
-            except (ImapError, SecretError) as exc:
+            except (ImapError, CredentialsError, SecretError) as exc:
                 await self._trouble(str(exc))
             except asyncio.CancelledError:
                 raise
@@ -127,9 +131,8 @@ class Watcher:
     async def _connected(self) -> None:
         box = self.box
         await self.mailboxes.set_state(box.address, "connecting")
-        password = Secrets.load(self.mirror.config.secrets).open(box.secret)
-        imap = await ImapSession.open(box.imap_host, box.imap_port, box.security, box.username,
-                                      password, command_timeout=self.settings.command_timeout)
+        imap = await ImapSession.for_mailbox(box, self.mirror.credentials,
+                                             command_timeout=self.settings.command_timeout)
         try:
             can_idle = "IDLE" in await imap.capabilities()
             while True:

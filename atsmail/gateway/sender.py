@@ -1,12 +1,13 @@
 """The sender: mail composed in the ATS, delivered from the outbox.
 
 A message goes out through the sender's own mailbox (SMTP submission with
-their credentials), is filed in that mailbox's Sent folder (once: it looks
-for the Message-ID first; Gmail files sent mail itself), and is captured on
-the candidate. A team member without a mailbox sends from their hosted
-identity through the gateway's upstream, DKIM-signed when configured.
-Failures are retried from the outbox with back-off; nothing is sent twice
-on purpose, and nothing queued is dropped.
+their password, or SASL XOAUTH2 with an OAuth2 access token), is filed in
+that mailbox's Sent folder (once: it looks for the Message-ID first; Gmail
+files sent mail itself), and is captured on the candidate. A team member
+without a mailbox sends from their hosted identity through the gateway's
+upstream, DKIM-signed when configured. Failures are retried from the outbox
+with back-off; nothing is sent twice on purpose, and nothing queued is
+dropped.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import aiosmtplib
 import dkim
 
 from atsmail.config import Config
+from atsmail.gateway.credentials import Credentials, CredentialsError, Login
 from atsmail.gateway.imap import ImapError, ImapSession
 from atsmail.gateway.upstream import Reply, open_session
 from atsmail.rules import Decision, decide, read_message
 from atsmail.rules.addresses import domain_of
-from atsmail.secrets import SecretError, Secrets
+from atsmail.secrets import SecretError
 from atsmail.storage import Capture, CaptureWriter, Store, lookup
 from atsmail.storage.db import Database
 from atsmail.storage.mailboxes import Mailboxes
@@ -87,10 +89,12 @@ class DeliveryError(Exception):
 
 
 class Sender:
-    def __init__(self, config: Config, store: Store, writer: CaptureWriter) -> None:
+    def __init__(self, config: Config, store: Store, writer: CaptureWriter,
+                 credentials: Credentials) -> None:
         self.config = config
         self.store = store
         self.writer = writer
+        self.credentials = credentials
         self.outbox = Outbox(store.db)
         self.mailboxes = Mailboxes(store.db)
         self._task: asyncio.Task[None] | None = None
@@ -142,17 +146,11 @@ class Sender:
 
     async def _submit(self, box: Mailbox, item: OutboxMessage) -> None:
         try:
-            password = Secrets.load(self.config.secrets).open(box.secret)
-        except SecretError as exc:
+            errors = await self.credentials.attempt(
+                box, lambda login: self._submit_as(login, box, item),
+                aiosmtplib.SMTPAuthenticationError)
+        except (CredentialsError, SecretError) as exc:
             raise DeliveryError(str(exc), permanent=False) from None
-        client = aiosmtplib.SMTP(
-            hostname=box.smtp_host, port=box.smtp_port, timeout=self.config.relay.upstream_timeout,
-            use_tls=box.security == "ssl", start_tls=box.security == "starttls",
-            username=box.username, password=password)
-        try:
-            async with client:
-                errors, _ = await client.sendmail(item.from_address, list(item.recipients),
-                                                  item.raw)
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise DeliveryError(f"{box.smtp_host} refused the login: {exc.message}",
                                 permanent=False) from None
@@ -164,6 +162,21 @@ class Sender:
         if errors:
             refused = "; ".join(f"{r}: {e.code} {e.message}" for r, e in errors.items())
             log.warning("outbox %d: some recipients refused: %s", item.id, refused)
+
+    async def _submit_as(self, login: Login, box: Mailbox,
+                         item: OutboxMessage) -> dict[str, aiosmtplib.SMTPResponse]:
+        """One submission; the recipients the server refused."""
+        # aiosmtplib logs in with a password as it connects; a token is given after.
+        client = aiosmtplib.SMTP(
+            hostname=box.smtp_host, port=box.smtp_port, timeout=self.config.relay.upstream_timeout,
+            use_tls=box.smtp_security == "ssl", start_tls=box.smtp_security == "starttls",
+            username=None if login.oauth2 else login.username,
+            password=None if login.oauth2 else login.secret)
+        async with client:
+            if login.oauth2:
+                await client.auth_xoauth2(login.username, login.secret)
+            errors, _ = await client.sendmail(item.from_address, list(item.recipients), item.raw)
+        return errors
 
     async def _send_hosted(self, item: OutboxMessage) -> None:
         raw = self._signed(item.raw)
@@ -201,10 +214,8 @@ class Sender:
     async def _file_in_sent(self, box: Mailbox, item: OutboxMessage) -> str | None:
         """File the sent message as read; a failure is noted, never re-sent."""
         try:
-            password = Secrets.load(self.config.secrets).open(box.secret)
-            imap = await ImapSession.open(box.imap_host, box.imap_port, box.security,
-                                          box.username, password,
-                                          command_timeout=self.config.mirror.command_timeout)
+            imap = await ImapSession.for_mailbox(
+                box, self.credentials, command_timeout=self.config.mirror.command_timeout)
             try:
                 # The folder roles as the mirror keeps them (listed afresh, so a
                 # mailbox the mirror has not reached yet is filed correctly too).
@@ -216,7 +227,7 @@ class Sender:
                 await imap.file(sent, item.raw, item.message_id)
             finally:
                 await imap.close()
-        except (ImapError, SecretError) as exc:
+        except (ImapError, CredentialsError, SecretError) as exc:
             log.warning("outbox %d: sent, but not filed in Sent: %s", item.id, exc)
             return f"sent, but not filed in the Sent folder: {exc}"
         return None

@@ -7,10 +7,12 @@ import logging
 import signal
 
 from atsmail.config import Config
+from atsmail.gateway.credentials import Credentials
 from atsmail.gateway.mirror import Mirror
 from atsmail.gateway.relay import Relay
 from atsmail.gateway.sender import Sender
 from atsmail.storage import CaptureWriter, Store
+from atsmail.storage.mailboxes import Mailboxes
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +23,12 @@ class Gateway:
         self.store = Store.open(config.storage.url)
         self.writer = CaptureWriter(self.store.db)
         self.relay = Relay(config, self.store, self.writer)
-        self.mirror = Mirror(config, self.store, self.writer) if config.mirror.enabled else None
-        self.sender = Sender(config, self.store, self.writer)
+        # One set of logins for the mirror and the sender: a mailbox's access
+        # token is refreshed once for both.
+        credentials = Credentials(config, Mailboxes(self.store.db))
+        self.mirror = (Mirror(config, self.store, self.writer, credentials)
+                       if config.mirror.enabled else None)
+        self.sender = Sender(config, self.store, self.writer, credentials)
 
     async def start(self) -> None:
         await self.store.ensure_current()

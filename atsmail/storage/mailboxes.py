@@ -26,6 +26,11 @@ from atsmail.storage.store import UserError, checked_address
 
 PROVIDERS = ("imap", "gmail", "outlook")
 SECURITY = ("ssl", "starttls", "none")
+# How a mailbox logs in: with a password, or with OAuth2 (SASL XOAUTH2) from a
+# refresh token; only the providers whose token endpoints the gateway knows
+# can do the latter.
+AUTHS = ("password", "oauth2")
+OAUTH2_PROVIDERS = ("gmail", "outlook")
 # Where providers keep sent mail when the server does not flag it \Sent.
 SENT_FOLDERS = {
     "gmail": ("[Gmail]/Sent Mail", "[Google Mail]/Sent Mail", "[Gmail]/Gesendet"),
@@ -51,6 +56,10 @@ class Account:
     username: str
     sealed_secret: bytes
     signature: str = ""
+    # The SMTP server's TLS; empty: the same as the IMAP server's.
+    smtp_security: str = ""
+    # What the sealed secret is: a password, or an OAuth2 refresh token.
+    auth: str = "password"
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ def mailbox_json(box: Mailbox) -> dict[str, Any]:
         "last_error": box.last_error, "sharing": None if box.shared else box.sharing,
         "imap": f"{box.imap_host}:{box.imap_port}",
         "security": box.security,
+        "smtp": f"{box.smtp_host}:{box.smtp_port}" if box.smtp_host else None,
+        "smtp_security": box.smtp_security, "auth": box.auth,
     }
 
 
@@ -93,8 +104,15 @@ class Mailboxes:
         address = checked_address(account.address)
         if account.provider not in PROVIDERS:
             raise UserError(f"unknown provider {account.provider!r}: one of {', '.join(PROVIDERS)}")
-        if account.security not in SECURITY:
-            raise UserError(f"unknown security {account.security!r}: one of {', '.join(SECURITY)}")
+        smtp_security = account.smtp_security or account.security
+        for security in (account.security, smtp_security):
+            if security not in SECURITY:
+                raise UserError(f"unknown security {security!r}: one of {', '.join(SECURITY)}")
+        if account.auth not in AUTHS:
+            raise UserError(f"unknown auth {account.auth!r}: one of {', '.join(AUTHS)}")
+        if account.auth == "oauth2" and account.provider not in OAUTH2_PROVIDERS:
+            raise UserError(f"OAuth2 is for {' and '.join(OAUTH2_PROVIDERS)} mailboxes; "
+                            f"a {account.provider} mailbox logs in with a password")
         if account.shared == (account.owner is not None):
             raise UserError("a mailbox has an --owner, or is --shared with --visible-to users")
         async with self.db.write() as session:
@@ -118,9 +136,9 @@ class Mailboxes:
                 visible_to=[] if account.owner else people,
                 imap_host=account.imap_host, imap_port=account.imap_port,
                 smtp_host=account.smtp_host, smtp_port=account.smtp_port,
-                security=account.security, username=account.username,
-                secret=account.sealed_secret, signature=account.signature,
-                state="connecting"))
+                security=account.security, smtp_security=smtp_security, auth=account.auth,
+                username=account.username, secret=account.sealed_secret,
+                signature=account.signature, state="connecting"))
 
     async def all(self) -> list[Mailbox]:
         async with self.db.read() as session:
@@ -233,6 +251,13 @@ class Mailboxes:
             await session.execute(update(MailboxFolder).where(
                 MailboxFolder.mailbox == address, MailboxFolder.name == folder,
             ).values(uidvalidity=uidvalidity, last_uid=last_uid))
+
+    async def replace_secret(self, address: str, old: bytes, new: bytes) -> None:
+        """Keep a refresh token the provider rotated, unless the mailbox changed meanwhile."""
+        async with self.db.write() as session:
+            await session.execute(update(Mailbox).where(
+                Mailbox.address == address, Mailbox.secret == old,
+                Mailbox.state != "disconnected").values(secret=new))
 
     async def set_state(self, address: str, state: str) -> None:
         """Record what the mirror is doing; the last error stays until a sync succeeds."""

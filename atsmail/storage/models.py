@@ -211,7 +211,10 @@ FOLDER_ROLES = ("incoming", "outgoing", "none")
 class Mailbox(Base):
     """A connected mailbox the mirror watches; its secret is stored encrypted.
 
-    `state` is connecting, syncing, idle, error or disconnected.
+    `state` is connecting, syncing, idle, error or disconnected. `auth` says
+    what the secret is: a password (`password`) or an OAuth2 refresh token
+    (`oauth2`). `security` is the IMAP server's; `smtp_security` the SMTP
+    server's, which for Outlook differs (implicit TLS vs STARTTLS).
     """
 
     __tablename__ = "mailboxes"
@@ -226,6 +229,8 @@ class Mailbox(Base):
     smtp_host: Mapped[str] = mapped_column(String(255), default="")
     smtp_port: Mapped[int] = mapped_column(Integer, default=0)
     security: Mapped[str] = mapped_column(String(10))
+    smtp_security: Mapped[str] = mapped_column(String(10))
+    auth: Mapped[str] = mapped_column(String(10), default="password")
     username: Mapped[str] = mapped_column(String(320))
     secret: Mapped[bytes] = mapped_column(LargeBinary)
     signature: Mapped[str] = mapped_column(Text, default="")

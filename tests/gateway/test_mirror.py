@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from atsmail.config import MirrorConfig, SecretsConfig
+from atsmail.config import MirrorConfig, OAuthConfig, SecretsConfig
 from atsmail.gateway.server import Gateway
 from atsmail.secrets import Secrets
 from atsmail.storage import Store
 from atsmail.storage.mailboxes import Account, Mailboxes
 from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
 from tests.dovecot import Dovecot
+from tests.oauth import TokenService
 
 ADA = "ada@applicant.test"
 FAST = MirrorConfig(poll_interval=0.5, command_timeout=5, reconnect_max=1)
@@ -223,3 +224,89 @@ async def test_tls_mailboxes_are_mirrored_once_the_certificate_is_trusted(
     monkeypatch.setenv("SSL_CERT_FILE", str(dovecot_tls.cert))
     await eventually(lambda: _threads(team, "C-1", 1))
     assert [t.subject for t in await team.threads("C-1")] == [f"Over {security}"]
+
+
+# --- OAuth2 (XOAUTH2) ---------------------------------------------------------
+
+
+async def connect_oauth(store: Store, secrets: SecretsConfig, dovecot: Dovecot, address: str,
+                        refresh_token: str, provider: str = "gmail",
+                        owner: str | None = "recruiter@example.com") -> None:
+    """A gmail or outlook mailbox, its servers pointed at the test Dovecot."""
+    await Mailboxes(store.db).connect(Account(
+        address=address, provider=provider, owner=owner, shared=owner is None,
+        visible_to=[] if owner else ["recruiter@example.com"], imap_host="127.0.0.1",
+        imap_port=dovecot.port, smtp_host="", smtp_port=0, security="none",
+        username=address, sealed_secret=Secrets.load(secrets).seal(refresh_token),
+        auth="oauth2"))
+
+
+@pytest.mark.parametrize("provider", ["gmail", "outlook"])
+async def test_oauth_mailboxes_are_mirrored_over_xoauth2(
+        gateway_factory: GatewayFactory, team: Store, dovecot_oauth: Dovecot,
+        token_service: TokenService, oauth_config: OAuthConfig,
+        secrets_config: SecretsConfig, store_url: str, provider: str) -> None:
+    address, password = dovecot_oauth.add_user(provider)
+    refresh_token = token_service.grant(address)
+    await connect_oauth(team, secrets_config, dovecot_oauth, address, refresh_token, provider)
+    await asyncio.to_thread(dovecot_oauth.deliver, address, password,
+                            make_mail(ADA, address, f"Via {provider}"))
+    await gateway_factory(mirror=FAST, secrets=secrets_config, oauth=oauth_config)
+    await eventually(lambda: _threads(team, "C-1", 1))
+    assert [t.subject for t in await team.threads("C-1")] == [f"Via {provider}"]
+    await eventually(lambda: _state_is(team, address, "idle"))
+    # Logged in with a token the server checked at the provider, got once.
+    assert token_service.refreshes.count(address) == 1
+    assert (await Mailboxes(team.db).get(address)).auth == "oauth2"
+    if store_url.startswith("sqlite"):
+        await team.db.checkpoint()
+        stored = Path(store_url.partition(":///")[2]).read_bytes()
+        assert refresh_token.encode() not in stored
+        assert not any(t.encode() in stored for t in token_service.tokens)
+
+
+async def test_a_revoked_refresh_token_is_shown_and_other_mailboxes_carry_on(
+        gateway_factory: GatewayFactory, team: Store, dovecot_oauth: Dovecot,
+        token_service: TokenService, oauth_config: OAuthConfig,
+        secrets_config: SecretsConfig) -> None:
+    good, password = dovecot_oauth.add_user("kept")
+    revoked, _ = dovecot_oauth.add_user("revoked")
+    await connect_oauth(team, secrets_config, dovecot_oauth, good, token_service.grant(good))
+    withdrawn = token_service.grant(revoked)
+    await connect_oauth(team, secrets_config, dovecot_oauth, revoked, withdrawn, owner=None)
+    token_service.revoke(withdrawn)
+    await gateway_factory(mirror=FAST, secrets=secrets_config, oauth=oauth_config)
+    await asyncio.to_thread(dovecot_oauth.deliver, good, password,
+                            make_mail(ADA, good, "Still synced"))
+    await eventually(lambda: _threads(team, "C-1", 1))
+
+    async def failed() -> bool:
+        box = await Mailboxes(team.db).get(revoked)
+        return box.state == "error" and "refused the refresh token" in (box.last_error or "")
+
+    await eventually(failed)
+    error = (await Mailboxes(team.db).get(revoked)).last_error or ""
+    assert "invalid_grant" in error and "connect the mailbox again" in error
+    assert withdrawn not in error
+    assert (await Mailboxes(team.db).get(good)).last_sync is not None
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_a_token_the_server_refuses_is_refreshed_and_the_login_tried_again(
+        gateway_factory: GatewayFactory, team: Store, dovecot_oauth: Dovecot,
+        token_service: TokenService, oauth_config: OAuthConfig,
+        secrets_config: SecretsConfig) -> None:
+    address, password = dovecot_oauth.add_user("stale")
+    await connect_oauth(team, secrets_config, dovecot_oauth, address, token_service.grant(address))
+    await gateway_factory(mirror=FAST, secrets=secrets_config, oauth=oauth_config)
+    await eventually(lambda: _state_is(team, address, "idle"))
+    assert token_service.refreshes.count(address) == 1
+    # The provider ends every token early, and the server drops the session:
+    # the watcher's next login is refused, refreshes, and gets in.
+    token_service.expire_access_tokens()
+    await asyncio.to_thread(dovecot_oauth.kick, address)
+    await asyncio.to_thread(dovecot_oauth.deliver, address, password,
+                            make_mail(ADA, address, "After the refresh"))
+    # The dropped session shows once IDLE times out (command_timeout).
+    await eventually(lambda: _threads(team, "C-1", 1), seconds=30)
+    assert token_service.refreshes.count(address) == 2

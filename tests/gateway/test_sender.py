@@ -8,6 +8,8 @@ identities, and DKIM signatures checked with dkimpy against the public key.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import socket
 import warnings
 from collections.abc import AsyncIterator
@@ -21,7 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from atsmail.config import DkimConfig, SecretsConfig
+from atsmail.config import DkimConfig, OAuthConfig, SecretsConfig
 from atsmail.gateway.sender import queue_message
 from atsmail.rules import read_message
 from atsmail.secrets import Secrets
@@ -32,16 +34,46 @@ from atsmail.storage.outbox import Outbox
 from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
 from tests.dovecot import Dovecot
 from tests.gateway.test_mirror import FAST, eventually
+from tests.oauth import TokenService, introspect
 
 ADA = "ada@applicant.test"
 
 
 @dataclass
 class SubmissionServer(Sink):
-    """A sink that only takes mail after AUTH with the one right password."""
+    """A sink that only takes mail after AUTH with the one right password.
+
+    Or with XOAUTH2 and a bearer token the token service vouches for (at
+    `introspection_url`) as the user's.
+    """
 
     password: str = ""
     logins: list[str] = field(default_factory=list)
+    introspection_url: str = ""
+    # XOAUTH2 logins turned down.
+    refused_tokens: int = 0
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Gmail and Outlook answer it."""
+        user, token = "", ""
+        try:
+            for part in base64.b64decode(args[1], validate=True).decode().split("\x01"):
+                if part.startswith("user="):
+                    user = part.removeprefix("user=")
+                elif part.startswith("auth=Bearer "):
+                    token = part.removeprefix("auth=Bearer ")
+        except (IndexError, ValueError):
+            return AuthResult(success=False, handled=False,
+                              message="501 5.5.2 Cannot decode the initial response")
+        if self.introspection_url and token and user == await asyncio.to_thread(
+                introspect, self.introspection_url, token):
+            self.logins.append(user)
+            return AuthResult(success=True)
+        self.refused_tokens += 1
+        # The refusal comes as a challenge; the client's empty answer ends it.
+        await server.challenge_auth(json.dumps({"status": "401", "schemes": "Bearer"}))
+        return AuthResult(success=False, handled=False,
+                          message="535 5.7.8 Username and Password not accepted")
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                       mechanism: str, data: Any) -> AuthResult:
@@ -323,3 +355,88 @@ async def test_a_shared_mailbox_sends_for_its_people_only_with_its_signature(
     with pytest.raises(UserError, match=r"no mailbox nobody@example\.com is connected"):
         await queue(team, "recruiter@example.com", [ADA], "x",
                     from_address="nobody@example.com")
+# --- OAuth2 (XOAUTH2) ---------------------------------------------------------
+
+
+async def connect_outlook(store: Store, secrets: SecretsConfig, dovecot: Dovecot,
+                          submission: SubmissionServer, address: str,
+                          refresh_token: str) -> None:
+    """An Outlook mailbox with OAuth2; its servers are the test Dovecot and submission."""
+    await store.add_team_member(address, "Olga Outlook")
+    await Mailboxes(store.db).connect(Account(
+        address=address, provider="outlook", owner=address, shared=False, visible_to=[],
+        imap_host="127.0.0.1", imap_port=dovecot.port, smtp_host="127.0.0.1",
+        smtp_port=submission.port, security="none", smtp_security="none", username=address,
+        sealed_secret=Secrets.load(secrets).seal(refresh_token), auth="oauth2"))
+
+
+async def sent_and_filed(store: Store, dovecot: Dovecot, address: str, password: str,
+                         item: OutboxMessage) -> None:
+    async def sent() -> bool:
+        state = await status_of(store, item.id)
+        assert state.status != "failed", state.last_error
+        return state.status == "sent"
+
+    await eventually(sent)
+    assert (await status_of(store, item.id)).last_error is None  # filed in Sent, too
+
+    def filed() -> int:
+        client = dovecot.client(address, password)
+        try:
+            client.select("Sent")
+            return len(client.search(None, "HEADER", "Message-ID", item.message_id)[1][0].split())
+        finally:
+            client.logout()
+
+    assert await asyncio.to_thread(filed) == 1
+
+
+@pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
+async def test_mail_is_submitted_and_filed_over_xoauth2(
+        gateway_factory: GatewayFactory, team: Store, dovecot_oauth: Dovecot,
+        token_service: TokenService, oauth_config: OAuthConfig,
+        secrets_config: SecretsConfig, submission: SubmissionServer) -> None:
+    submission.introspection_url = token_service.introspection_url
+    olga, password = dovecot_oauth.add_user("olga")
+    await connect_outlook(team, secrets_config, dovecot_oauth, submission, olga,
+                          token_service.grant(olga))
+    item = await queue(team, olga, [ADA], "Your interview", candidate="C-1")
+    await gateway_factory(secrets=secrets_config, oauth=oauth_config)
+    await sent_and_filed(team, dovecot_oauth, olga, password, item)
+    assert submission.logins == [olga] and submission.refused_tokens == 0
+    assert [(m.mail_from, m.rcpt_tos) for m in submission.messages] == [(olga, [ADA])]
+    # SMTP and IMAP logged in with the one token, refreshed once.
+    assert token_service.refreshes.count(olga) == 1
+    assert [t.subject for t in await team.threads("C-1")] == ["Your interview"]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+async def test_an_expired_or_refused_access_token_is_refreshed(
+        gateway_factory: GatewayFactory, team: Store, dovecot_oauth: Dovecot,
+        token_service: TokenService, oauth_config: OAuthConfig,
+        secrets_config: SecretsConfig, submission: SubmissionServer) -> None:
+    submission.introspection_url = token_service.introspection_url
+    olga, password = dovecot_oauth.add_user("olga")
+    await connect_outlook(team, secrets_config, dovecot_oauth, submission, olga,
+                          token_service.grant(olga))
+    await gateway_factory(secrets=secrets_config, oauth=oauth_config)
+    first = await queue(team, olga, [ADA], "First")
+    await sent_and_filed(team, dovecot_oauth, olga, password, first)
+    assert token_service.refreshes.count(olga) == 1
+
+    # Ended early by the provider, the token is refused, refreshed, and the
+    # login tried again once.
+    token_service.expire_access_tokens()
+    token_service.lifetime = 3
+    second = await queue(team, olga, [ADA], "Second")
+    await sent_and_filed(team, dovecot_oauth, olga, password, second)
+    assert submission.refused_tokens == 1
+    assert token_service.refreshes.count(olga) == 2
+
+    # Past its expiry a token is refreshed before use: no server refuses it.
+    await asyncio.sleep(3)
+    third = await queue(team, olga, [ADA], "Third")
+    await sent_and_filed(team, dovecot_oauth, olga, password, third)
+    assert token_service.refreshes.count(olga) == 3
+    assert submission.refused_tokens == 1
+    assert len(submission.messages) == 3
