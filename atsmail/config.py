@@ -75,6 +75,28 @@ class CaptureConfig:
     capture_forwards: bool = True
     # Mail forwarded to this address makes the original's sender a candidate.
     ats_inbox: str = ""
+    # Captured mail older than this many days is purged; 0 keeps it until
+    # its candidate is deleted.
+    retention_days: int = 0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The HTTP API and the review pages."""
+
+    enabled: bool = True
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8025
+    # The largest request body taken (a message sent through the API included).
+    max_body: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """A URL that receives the gateway's events, signed with a shared secret."""
+
+    url: str
+    secret_env: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,6 +181,8 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    webhooks: tuple[WebhookConfig, ...] = ()
     oauth: OAuthConfig = field(default_factory=OAuthConfig)
 
 
@@ -185,7 +209,8 @@ def load_config(path: Path) -> Config:
 def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     reader = _Reader(path)
     base = path.resolve().parent
-    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror", "dkim", "oauth"})
+    reader.known(data, "", {"storage", "relay", "capture", "secrets", "mirror", "dkim", "oauth",
+                            "api", "webhook"})
 
     storage = reader.table(data, "storage", {"url"})
     relay = reader.table(
@@ -197,7 +222,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             "idle_timeout", "shutdown_grace",
         },
     )
-    capture = reader.table(data, "capture", {"capture_forwards", "ats_inbox"})
+    capture = reader.table(data, "capture", {"capture_forwards", "ats_inbox", "retention_days"})
+    api = reader.table(data, "api", {"enabled", "listen", "max_body"})
+    api_defaults = ApiConfig()
     secrets = reader.table(data, "secrets", {"key_file", "key_env"})
     mirror = reader.table(data, "mirror", {
         "enabled", "poll_interval", "command_timeout", "reconnect_max", "backfill_imap_days",
@@ -206,6 +233,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     dkim = reader.table(data, "dkim", {"selector", "domain", "key_file"})
     oauth = reader.table(data, "oauth", {"timeout", *OAUTH_PROVIDERS})
 
+    api_host, api_port = reader.get(api, "api.listen", str, parse_host_port,
+                                    (api_defaults.listen_host, api_defaults.listen_port))
     defaults = RelayConfig()
     listen_host, listen_port = reader.get(
         relay, "relay.listen", str, parse_host_port,
@@ -242,7 +271,15 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             capture_forwards=reader.get(capture, "capture.capture_forwards", bool, bool,
                                         CaptureConfig.capture_forwards),
             ats_inbox=reader.get(capture, "capture.ats_inbox", str, _address, ""),
+            retention_days=reader.get(capture, "capture.retention_days", int, _not_negative, 0),
         ),
+        api=ApiConfig(
+            enabled=reader.get(api, "api.enabled", bool, bool, api_defaults.enabled),
+            listen_host=api_host,
+            listen_port=api_port,
+            max_body=reader.get(api, "api.max_body", int, _positive, api_defaults.max_body),
+        ),
+        webhooks=_webhooks(reader, data.get("webhook", [])),
         secrets=SecretsConfig(
             key_file=reader.get(secrets, "secrets.key_file", str,
                                 lambda v: base / Path(v).expanduser(),
@@ -278,6 +315,28 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                                OAuthConfig.timeout),
         ),
     )
+
+
+def _webhooks(reader: _Reader, tables: Any) -> tuple[WebhookConfig, ...]:
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise reader.fail("webhook", "must be an array of tables ([[webhook]])")
+    hooks = []
+    for i, table in enumerate(tables):
+        name = f"webhook[{i}]"
+        reader.known(table, f"{name}.", {"url", "secret_env"})
+        if "url" not in table:
+            raise reader.fail(f"{name}.url", "missing: where to deliver the events")
+        hooks.append(WebhookConfig(
+            url=reader.get(table, f"{name}.url", str, _webhook_url, ""),
+            secret_env=reader.get(table, f"{name}.secret_env", str, str.strip, "")))
+    return tuple(hooks)
+
+
+def _webhook_url(value: str) -> str:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
 
 
 def _oauth_client(reader: _Reader, oauth: Mapping[str, Any], provider: str, token_url: str,
@@ -382,6 +441,12 @@ def _hostname(value: str) -> str:
 def _positive(value: int) -> int:
     if value <= 0:
         raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _not_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
     return value
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, func, select
+from sqlalchemy import ColumnElement, delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 
@@ -29,7 +29,13 @@ from atsmail.storage.models import (
     OutboxMessage,
     TeamMember,
     Thread,
+    utcnow,
 )
+
+
+def like_escape(text: str) -> str:
+    """`text` for a LIKE pattern with `escape="\\"`: its wildcards taken literally."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class TeamRepository:
@@ -100,6 +106,7 @@ class CandidateView:
     jobs: list[tuple[str, bool]]
     notices: list[tuple[str, datetime]]
     created_at: datetime
+    updated_at: datetime
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +115,7 @@ class CandidateView:
             "emails": self.emails,
             "jobs": [{"id": j, "archived": a} for j, a in self.jobs],
             "notices": [{"text": t, "at": at.isoformat()} for t, at in self.notices],
+            "updated_at": self.updated_at.isoformat(),
         }
 
 
@@ -126,6 +134,17 @@ class CandidateRepository:
         self.session.add_all(CandidateJob(candidate_id=candidate_id, job_id=j) for j in job_ids)
         await self.session.flush()
 
+    async def replace(self, candidate: Candidate, name: str, emails: Iterable[str],
+                      job_ids: Iterable[str]) -> None:
+        await self.session.execute(delete(CandidateEmail).where(
+            CandidateEmail.candidate_id == candidate.id))
+        await self.session.execute(delete(CandidateJob).where(
+            CandidateJob.candidate_id == candidate.id))
+        candidate.name, candidate.updated_at = name, utcnow()
+        self.session.add_all(CandidateEmail(candidate_id=candidate.id, email=e) for e in emails)
+        self.session.add_all(CandidateJob(candidate_id=candidate.id, job_id=j) for j in job_ids)
+        await self.session.flush()
+
     async def add_notice(self, candidate_id: str, text: str) -> None:
         self.session.add(Notice(candidate_id=candidate_id, text=text))
         await self.session.flush()
@@ -139,11 +158,25 @@ class CandidateRepository:
     async def remove_email(self, candidate_id: str, email: str) -> None:
         await self.session.execute(delete(CandidateEmail).where(
             CandidateEmail.candidate_id == candidate_id, CandidateEmail.email == email))
+        await self.session.execute(update(Candidate).where(Candidate.id == candidate_id)
+                                   .values(updated_at=utcnow()))
 
-    async def views(self, ids: Collection[str] | None = None) -> list[CandidateView]:
-        query = select(Candidate).order_by(Candidate.id)
+    async def views(self, ids: Collection[str] | None = None, *, search: str = "",
+                    updated_since: datetime | None = None, limit: int | None = None,
+                    offset: int = 0) -> list[CandidateView]:
+        """Candidates by id; `search` matches a part of an id, name or address."""
+        query = select(Candidate).order_by(Candidate.id).offset(offset).limit(limit)
         if ids is not None:
             query = query.where(Candidate.id.in_(ids))
+        if search:
+            pattern = "%" + like_escape(search.lower()) + "%"
+            query = query.where(or_(
+                func.lower(Candidate.id).like(pattern, escape="\\"),
+                func.lower(Candidate.name).like(pattern, escape="\\"),
+                Candidate.id.in_(select(CandidateEmail.candidate_id).where(
+                    CandidateEmail.email.like(pattern, escape="\\")))))
+        if updated_since is not None:
+            query = query.where(Candidate.updated_at > updated_since)
         candidates = list(await self.session.scalars(query))
         wanted = [c.id for c in candidates]
         infos = await self.session.run_sync(
@@ -155,7 +188,7 @@ class CandidateRepository:
             notices[cid].append((text, at))
         return [
             CandidateView(c.id, c.name, sorted(infos[c.id].emails), list(infos[c.id].jobs),
-                          notices[c.id], c.created_at)
+                          notices[c.id], c.created_at, c.updated_at)
             for c in candidates
         ]
 

@@ -12,9 +12,10 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement
+from sqlalchemy import ColumnElement, select
 
 from atsmail.rules import Context, MessageFacts
 from atsmail.rules.addresses import AddressError, in_domains, normalize_address, normalize_domain
@@ -28,6 +29,7 @@ from atsmail.storage.models import (
     CapturedMessage,
     InternalDomain,
     Job,
+    Mailbox,
     TeamMember,
 )
 from atsmail.storage.repositories import (
@@ -38,6 +40,7 @@ from atsmail.storage.repositories import (
     TeamRepository,
     ThreadRepository,
     ThreadSummary,
+    like_escape,
 )
 from atsmail.storage.visibility import LEVELS, Viewer, load_viewer, message_access
 
@@ -47,6 +50,10 @@ MAX_ID_LENGTH = 100
 
 class UserError(Exception):
     """A request the store refuses; the text is meant for the user."""
+
+
+class NotFound(UserError):
+    """The thing asked for does not exist (or is not the asker's to see)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,40 @@ class Store:
                 CandidateRepository(session), CandidateEmail.email == email,
                 lambda address: address == email, reason)
 
+    async def put_team_member(self, email: str, name: str,
+                              role: str) -> tuple[bool, list[AddressRemoval]]:
+        """Create or update a team member: (whether they are new, addresses removed)."""
+        email = checked_address(email)
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        async with self.db.write() as session:
+            member = await TeamRepository(session).get(email)
+            if member is not None:
+                member.name, member.role = name, role
+                return False, []
+        return True, await self.add_team_member(email, name, role)
+
+    async def team_member(self, email: str) -> TeamMember:
+        async with self.db.read() as session:
+            member = await TeamRepository(session).get(checked_address(email))
+        if member is None:
+            raise NotFound(f"{email} is not a team member")
+        return member
+
+    async def remove_team_member(self, email: str) -> None:
+        """Remove a member (and their tokens); their mailbox must be disconnected first."""
+        email = checked_address(email)
+        async with self.db.write() as session:
+            member = await TeamRepository(session).get(email)
+            if member is None:
+                raise NotFound(f"{email} is not a team member")
+            owned = await session.scalar(select(Mailbox.address).where(
+                Mailbox.owner == email, Mailbox.state != "disconnected"))
+            if owned:
+                raise UserError(f"{email} still has the connected mailbox {owned}: "
+                                "disconnect it first")
+            await session.delete(member)
+
     async def team(self) -> list[TeamMember]:
         async with self.db.read() as session:
             return await TeamRepository(session).all()
@@ -149,7 +190,7 @@ class Store:
             await domains.add(domain)
             return await _remove_candidate_addresses(
                 CandidateRepository(session),
-                CandidateEmail.email.like("%" + _like_escape(domain), escape="\\"),
+                CandidateEmail.email.like("%" + like_escape(domain), escape="\\"),
                 lambda address: in_domains(address, (domain,)) is not None,
                 f"{domain} is an internal domain")
 
@@ -173,11 +214,39 @@ class Store:
                 raise UserError(f"job {job_id} already exists")
             await jobs.add(job_id, title)
 
+    async def put_job(self, job_id: str, title: str, archived: bool) -> bool:
+        """Create or replace a job; True when it is new."""
+        job_id = checked_id("job", job_id)
+        async with self.db.write() as session:
+            jobs = JobRepository(session)
+            job = await jobs.get(job_id)
+            if job is None:
+                job = await jobs.add(job_id, title)
+                job.archived = archived
+                return True
+            job.title, job.archived = title, archived
+            return False
+
+    async def job(self, job_id: str) -> tuple[Job, int]:
+        async with self.db.read() as session:
+            repo = JobRepository(session)
+            job = await repo.get(job_id)
+            if job is None:
+                raise NotFound(f"unknown job {job_id}")
+            return job, (await repo.candidate_counts()).get(job_id, 0)
+
+    async def remove_job(self, job_id: str) -> None:
+        async with self.db.write() as session:
+            job = await JobRepository(session).get(job_id)
+            if job is None:
+                raise NotFound(f"unknown job {job_id}")
+            await session.delete(job)
+
     async def set_job_archived(self, job_id: str, archived: bool) -> None:
         async with self.db.write() as session:
             job = await JobRepository(session).get(job_id)
             if job is None:
-                raise UserError(f"unknown job {job_id}")
+                raise NotFound(f"unknown job {job_id}")
             job.archived = archived
 
     async def jobs(self) -> list[tuple[Job, int]]:
@@ -191,13 +260,25 @@ class Store:
     async def add_candidate(self, candidate_id: str, name: str, emails: Sequence[str],
                             job_ids: Sequence[str] = ()) -> list[str]:
         """Create a candidate; returns a notice for each internal address refused."""
+        _, refused = await self.put_candidate(candidate_id, name, emails, job_ids,
+                                              replace=False)
+        return refused
+
+    async def put_candidate(self, candidate_id: str, name: str, emails: Sequence[str],
+                            job_ids: Sequence[str] = (),
+                            replace: bool = True) -> tuple[bool, list[str]]:
+        """Create or replace a candidate: (whether it is new, a notice per address refused).
+
+        Internal addresses are refused with a notice on the profile, as always.
+        """
         candidate_id = checked_id("candidate", candidate_id)
         if not emails:
-            raise UserError(f"candidate {candidate_id} needs at least one --email")
+            raise UserError(f"candidate {candidate_id} needs at least one email address")
         addresses = list(dict.fromkeys(checked_address(e) for e in emails))
         async with self.db.write() as session:
             candidates = CandidateRepository(session)
-            if await candidates.get(candidate_id) is not None:
+            existing = await candidates.get(candidate_id)
+            if existing is not None and not replace:
                 raise UserError(f"candidate {candidate_id} already exists")
             for job_id in dict.fromkeys(job_ids):
                 if await JobRepository(session).get(job_id) is None:
@@ -216,21 +297,26 @@ class Store:
                     kept.append(address)
             if not kept:
                 raise UserError("; ".join(refused))
-            await candidates.add(candidate_id, name, kept, dict.fromkeys(job_ids))
+            if existing is None:
+                await candidates.add(candidate_id, name, kept, dict.fromkeys(job_ids))
+            else:
+                await candidates.replace(existing, name, kept, dict.fromkeys(job_ids))
             for text in refused:
                 await candidates.add_notice(candidate_id, text)
-            return refused
+            return existing is None, refused
 
     async def candidate(self, candidate_id: str) -> CandidateView:
         async with self.db.read() as session:
             views = await CandidateRepository(session).views([candidate_id])
         if not views:
-            raise UserError(f"unknown candidate {candidate_id}")
+            raise NotFound(f"unknown candidate {candidate_id}")
         return views[0]
 
-    async def candidates(self) -> list[CandidateView]:
+    async def candidates(self, search: str = "", updated_since: datetime | None = None,
+                         limit: int | None = None, offset: int = 0) -> list[CandidateView]:
         async with self.db.read() as session:
-            return await CandidateRepository(session).views()
+            return await CandidateRepository(session).views(
+                search=search, updated_since=updated_since, limit=limit, offset=offset)
 
     async def delete_candidate(self, candidate_id: str) -> tuple[int, bool]:
         """Erase a candidate and every message only they are tied to.
@@ -244,7 +330,7 @@ class Store:
         async with self.db.write() as session:
             candidates = CandidateRepository(session)
             if await candidates.get(candidate_id) is None:
-                raise UserError(f"unknown candidate {candidate_id}")
+                raise NotFound(f"unknown candidate {candidate_id}")
             erased = await ThreadRepository(session).erase_candidate_messages(candidate_id)
             await candidates.delete(candidate_id)
         return erased, await self.db.checkpoint()
@@ -291,7 +377,7 @@ class Store:
         async with self.db.read() as session:
             if candidate_id is not None and await CandidateRepository(session).get(
                     candidate_id) is None:
-                raise UserError(f"unknown candidate {candidate_id}")
+                raise NotFound(f"unknown candidate {candidate_id}")
             repo = ThreadRepository(session)
             summaries = await repo.summaries(candidate_id)
             if viewer is None:
@@ -320,7 +406,7 @@ class Store:
                 levels = await message_access(session, viewer, messages)
                 messages = [m for m in messages if levels[m.id] is not None]
             if thread is None or not messages:
-                raise UserError(f"unknown thread {thread_id}")
+                raise NotFound(f"unknown thread {thread_id}")
             candidates = (await repo.thread_candidates([thread_id])).get(thread_id, [])
             sources = await repo.sources([m.id for m in messages])
         subject = thread.subject if _best(levels[m.id] for m in messages) != "metadata" else ""
@@ -344,8 +430,16 @@ def _message_json(m: CapturedMessage, sources: list[str], level: str) -> dict[st
             "access": level, "trace": m.trace if shown else []}
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+def member_json(member: TeamMember) -> dict[str, Any]:
+    return {"email": member.email, "name": member.name, "role": member.role,
+            "hosted_address": member.hosted_address,
+            "created_at": member.created_at.isoformat(),
+            "updated_at": member.updated_at.isoformat()}
+
+
+def job_json(job: Job, candidates: int) -> dict[str, Any]:
+    return {"id": job.id, "title": job.title, "archived": job.archived,
+            "candidates": candidates, "updated_at": job.updated_at.isoformat()}
 
 
 def _internal_reason(address: str, directory: Directory) -> str | None:
