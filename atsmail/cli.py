@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import getpass
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ from atsmail.gateway.sender import queue_message
 from atsmail.rules import decide, read_message
 from atsmail.secrets import SecretError, Secrets, create_key_file
 from atsmail.storage import Store, UserError
+from atsmail.storage.access import Access
 from atsmail.storage.mailboxes import (
     OAUTH2_PROVIDERS,
     PROVIDERS,
@@ -37,6 +39,7 @@ from atsmail.storage.mailboxes import (
 )
 from atsmail.storage.models import FOLDER_ROLES, ROLES, SHARING_LEVELS
 from atsmail.storage.outbox import Outbox, outbox_json
+from atsmail.storage.store import job_json, member_json
 from atsmail.storage.visibility import Viewer
 
 T = TypeVar("T")
@@ -51,6 +54,26 @@ def _config(ctx: click.Context) -> Config:
             raise click.ClickException(str(exc)) from None
     config: Config = obj["config"]
     return config
+
+
+def _actor() -> str:
+    """Who ran a command, for the audit log."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return "cli"
+
+
+def _audited(ctx: click.Context, work: Callable[[Store], Awaitable[T]], action: str,
+             target: str, **detail: Any) -> T:
+    """Run `work`, then write what it did to the audit log (as the API does)."""
+
+    async def both(store: Store) -> T:
+        result = await work(store)
+        await Access(store.db).record(_actor(), action, target, **detail)
+        return result
+
+    return _run(ctx, both)
 
 
 def _run(ctx: click.Context, work: Callable[[Store], Awaitable[T]],
@@ -163,7 +186,8 @@ def user() -> None:
 @click.pass_context
 def user_add(ctx: click.Context, email: str, name: str, role: str) -> None:
     """Add a team member; their address is removed from any candidate."""
-    removals = _run(ctx, lambda s: s.add_team_member(email, name, role))
+    removals = _audited(ctx, lambda s: s.add_team_member(email, name, role), "user.put",
+                        f"user:{email}", role=role, created=True)
     click.echo(f"added team member {email.strip().lower()} ({role})")
     for removal in removals:
         click.echo(f"candidate {removal.candidate_id}: {removal.notice}", err=True)
@@ -176,8 +200,7 @@ def user_list(ctx: click.Context, as_json: bool) -> None:
     """List the team members."""
     members = _run(ctx, lambda s: s.team())
     if as_json:
-        _print_json([{"email": m.email, "name": m.name, "role": m.role,
-                      "created_at": m.created_at.isoformat()} for m in members])
+        _print_json([member_json(m) for m in members])
     else:
         _table([[m.email, m.role, m.name] for m in members], "no team members")
 
@@ -195,7 +218,7 @@ def domain() -> None:
 @click.pass_context
 def domain_add(ctx: click.Context, name: str) -> None:
     """Add an internal domain (subdomains count too)."""
-    removals = _run(ctx, lambda s: s.add_domain(name))
+    removals = _audited(ctx, lambda s: s.add_domain(name), "domain.add", f"domain:{name}")
     click.echo(f"added internal domain {name.strip().lower().removeprefix('@')}")
     for removal in removals:
         click.echo(f"candidate {removal.candidate_id}: {removal.notice}", err=True)
@@ -206,7 +229,7 @@ def domain_add(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def domain_remove(ctx: click.Context, name: str) -> None:
     """Remove an internal domain."""
-    _run(ctx, lambda s: s.remove_domain(name))
+    _audited(ctx, lambda s: s.remove_domain(name), "domain.remove", f"domain:{name}")
     click.echo(f"removed internal domain {name}")
 
 
@@ -266,8 +289,7 @@ def job_list(ctx: click.Context, as_json: bool) -> None:
     """List the jobs."""
     jobs = _run(ctx, lambda s: s.jobs())
     if as_json:
-        _print_json([{"id": j.id, "title": j.title, "archived": j.archived, "candidates": n}
-                     for j, n in jobs])
+        _print_json([job_json(j, n) for j, n in jobs])
     else:
         _table([[j.id, "archived" if j.archived else "open", f"{n} candidates", j.title]
                 for j, n in jobs], "no jobs")
@@ -331,7 +353,8 @@ def candidate_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def candidate_delete(ctx: click.Context, candidate_id: str) -> None:
     """Erase a candidate and everything captured only for them."""
-    erased, scrubbed = _run(ctx, lambda s: s.delete_candidate(candidate_id))
+    erased, scrubbed = _audited(ctx, lambda s: s.delete_candidate(candidate_id), "erase",
+                                f"candidate:{candidate_id}")
     click.echo(f"deleted candidate {candidate_id} and erased {erased} messages")
     if not scrubbed:
         click.echo("warning: other readers kept the store's write-ahead log busy, so the erased "
@@ -688,6 +711,52 @@ def mailbox_disconnect(ctx: click.Context, address: str) -> None:
     """Stop mirroring a mailbox and forget its password or refresh token."""
     _run(ctx, lambda s: Mailboxes(s.db).disconnect(address))
     click.echo(f"disconnected {address}")
+
+
+# --- API tokens ------------------------------------------------------------------
+
+
+@main.group()
+def token() -> None:
+    """API tokens: a team member's key to the HTTP API and the review pages."""
+
+
+@token.command("create")
+@click.argument("user_email")
+@json_option
+@click.pass_context
+def token_create(ctx: click.Context, user_email: str, as_json: bool) -> None:
+    """Make a token for a team member; it is shown this once only."""
+    token_id, secret = _run(ctx, lambda s: Access(s.db).create_token(user_email, _actor()))
+    if as_json:
+        _print_json({"token": secret, "id": token_id})
+    else:
+        click.echo(secret)
+        click.echo(f"token {token_id} for {user_email}: keep it now, it is not shown again",
+                   err=True)
+
+
+@token.command("list")
+@json_option
+@click.pass_context
+def token_list(ctx: click.Context, as_json: bool) -> None:
+    """The tokens, whose they are and when they were last used (never the tokens)."""
+    found = _run(ctx, lambda s: Access(s.db).tokens())
+    if as_json:
+        _print_json([t.to_json() for t in found])
+    else:
+        _table([[str(t.id), t.member, "revoked" if t.revoked_at else "live",
+                 f"last used {t.last_used_at:%Y-%m-%d %H:%M}" if t.last_used_at else "never used"]
+                for t in found], "no tokens")
+
+
+@token.command("revoke")
+@click.argument("token_id", type=int)
+@click.pass_context
+def token_revoke(ctx: click.Context, token_id: int) -> None:
+    """Revoke a token at once."""
+    _run(ctx, lambda s: Access(s.db).revoke_token(token_id, _actor()))
+    click.echo(f"revoked token {token_id}")
 
 
 @main.group()

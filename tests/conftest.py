@@ -23,6 +23,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from atsmail.config import (
+    ApiConfig,
     CaptureConfig,
     Config,
     DkimConfig,
@@ -238,6 +239,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     mirror: MirrorConfig = relay.pop("mirror", MirrorConfig(enabled=False))
     secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
     dkim: DkimConfig = relay.pop("dkim", DkimConfig())
+    api: ApiConfig = relay.pop("api", ApiConfig(enabled=False))
     oauth: OAuthConfig = relay.pop("oauth", OAuthConfig())
     return Config(
         storage=StorageConfig(store_url),
@@ -248,6 +250,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         mirror=mirror,
         dkim=dkim,
         oauth=oauth,
+        api=api,
     )
 
 

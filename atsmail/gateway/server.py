@@ -8,6 +8,7 @@ import signal
 
 from atsmail.config import Config
 from atsmail.gateway.credentials import Credentials
+from atsmail.gateway.http import HttpServer
 from atsmail.gateway.mirror import Mirror
 from atsmail.gateway.relay import Relay
 from atsmail.gateway.sender import Sender
@@ -29,6 +30,7 @@ class Gateway:
         self.mirror = (Mirror(config, self.store, self.writer, credentials)
                        if config.mirror.enabled else None)
         self.sender = Sender(config, self.store, self.writer, credentials)
+        self.http = HttpServer(config, self.store) if config.api.enabled else None
 
     async def start(self) -> None:
         await self.store.ensure_current()
@@ -37,10 +39,14 @@ class Gateway:
         if self.mirror is not None:
             await self.mirror.start()
         await self.sender.start()
+        if self.http is not None:
+            await self.http.start()
         log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
                  self.relay.port, self.config.relay.upstream)
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.sender.stop()
         if self.mirror is not None:
             await self.mirror.stop()

@@ -1,6 +1,6 @@
 """Persistence: models, repositories, migrations and the service layer."""
 
 from atsmail.storage.capture import Capture, CaptureWriter, Prepared
-from atsmail.storage.store import Store, UserError
+from atsmail.storage.store import NotFound, Refused, Store, UserError
 
-__all__ = ["Capture", "CaptureWriter", "Prepared", "Store", "UserError"]
+__all__ = ["Capture", "CaptureWriter", "NotFound", "Prepared", "Refused", "Store", "UserError"]

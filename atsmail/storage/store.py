@@ -30,6 +30,7 @@ from atsmail.storage.models import (
     InternalDomain,
     Job,
     Mailbox,
+    MessageCandidate,
     TeamMember,
 )
 from atsmail.storage.repositories import (
@@ -54,6 +55,10 @@ class UserError(Exception):
 
 class NotFound(UserError):
     """The thing asked for does not exist (or is not the asker's to see)."""
+
+
+class Refused(UserError):
+    """The asker may see that it exists, but not this much of it (role, sharing level)."""
 
 
 @dataclass(frozen=True)
@@ -414,6 +419,36 @@ class Store:
             _message_json(m, sources.get(m.id, [m.source]), levels[m.id] or "full")
             for m in messages
         ])
+
+
+    async def message(self, pk: int, viewer: Viewer | None = None) -> tuple[CapturedMessage, str]:
+        """A captured message with its bytes, and how much of it `viewer` may see."""
+        async with self.db.read() as session:
+            found = await session.get(CapturedMessage, pk)
+            if found is None or found.state != "confirmed":
+                raise NotFound(f"unknown message {pk}")
+            level = "full" if viewer is None else (
+                await message_access(session, viewer, [found]))[found.id]
+        if level is None:
+            raise NotFound(f"unknown message {pk}")
+        return found, level
+
+    async def candidate_messages(self, candidate_id: str,
+                                 viewer: Viewer | None = None) -> list[CapturedMessage]:
+        """A candidate's messages with their bytes, oldest first: those `viewer` sees in full."""
+        async with self.db.read() as session:
+            if await CandidateRepository(session).get(candidate_id) is None:
+                raise NotFound(f"unknown candidate {candidate_id}")
+            found = list(await session.scalars(
+                select(CapturedMessage)
+                .where(CapturedMessage.state == "confirmed", CapturedMessage.id.in_(
+                    select(MessageCandidate.message_pk)
+                    .where(MessageCandidate.candidate_id == candidate_id)))
+                .order_by(CapturedMessage.date, CapturedMessage.id)))
+            if viewer is not None:
+                levels = await message_access(session, viewer, found)
+                found = [m for m in found if levels[m.id] == "full"]
+        return found
 
 
 def _best(levels: Iterable[str | None]) -> str:
