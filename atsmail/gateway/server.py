@@ -21,7 +21,7 @@ class Gateway:
         self.store = Store.open(config.storage.url)
         self.writer = CaptureWriter(self.store.db)
         self.relay = Relay(config, self.store, self.writer)
-        self.mirror = Mirror(config, self.store, self.writer) if config.mirror.enabled else None
+        self.mirror = Mirror(config, self.store) if config.mirror.enabled else None
         self.sender = Sender(config, self.store, self.writer)
 
     async def start(self) -> None:
