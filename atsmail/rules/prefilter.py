@@ -22,13 +22,18 @@ from atsmail.rules.context import Context
 from atsmail.rules.message import header_addresses, header_block, header_text, might_forward
 from atsmail.rules.table import BULK_PRECEDENCE
 
-# The email parser's notion of a field name (RFC 5322 ftext); the name must not
-# be empty here, though, where the parser would accept ":value".
-_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
-# Printable ASCII and tab, nothing else: no bare CR, NUL, 8-bit or controls,
-# which the parser (or `read_message`) would treat in ways of their own.
-_PLAIN_LINE = re.compile(rb"[\x20-\x7e\t]*")
-_LINE_END = re.compile(rb"(?<=\n)")
+# A header of plain fields and folds, to the blank line that ends it: field
+# names as the email parser knows them (RFC 5322 ftext, here never empty,
+# where the parser would accept ":value"), and printable ASCII and tab only,
+# with CRLF or LF line ends. No bare CR, NUL, 8-bit byte or control, which
+# the parser (or `read_message`) would treat in ways of their own.
+_PLAIN_HEADER = re.compile(
+    rb"(?:[\x21-\x39\x3b-\x7e]+:[\x20-\x7e\t]*\r?\n(?:[ \t][\x20-\x7e\t]*\r?\n)*)*(?:\r?\n)?")
+# One field of such a header: its value is what the compat32 parser stores,
+# the first line's text after the colon and its blanks, and its folds with
+# their line ends, with trailing line ends dropped.
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                    re.MULTILINE)
 _PARTICIPANT_FIELDS = ("from", "sender", "reply-to", "to", "cc")
 
 
@@ -64,32 +69,9 @@ def never_captured(raw: bytes, ctx: Context) -> bool:
 def _plain_fields(header: bytes) -> dict[str, list[str]] | None:
     """Each field's values by lower-cased name, exactly as the compat32 parser
     stores them; None when a line is not plainly a field or a fold."""
+    if not _PLAIN_HEADER.fullmatch(header):
+        return None
     fields: dict[str, list[str]] = {}
-    source: list[bytes] = []
-    name = ""
-
-    def close() -> None:
-        if source:
-            value = source[0].partition(b":")[2].lstrip(b" \t") + b"".join(source[1:])
-            fields.setdefault(name, []).append(value.rstrip(b"\r\n").decode("ascii"))
-
-    for line in _LINE_END.split(header):
-        text = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\n")
-        if not text:
-            if line:
-                break  # the blank line that ends the header
-            continue
-        if not _PLAIN_LINE.fullmatch(text):
-            return None
-        if text[:1] in (b" ", b"\t"):
-            if not source:
-                return None  # a fold with no field to belong to
-            source.append(line)
-            continue
-        field_name, colon, _ = text.partition(b":")
-        if not colon or not _FIELD_NAME.fullmatch(field_name):
-            return None  # the parser would end the header here, or read it oddly
-        close()
-        name, source = field_name.decode("ascii").lower(), [line]
-    close()
+    for name, value in _FIELD.findall(header):
+        fields.setdefault(name.decode("ascii").lower(), []).append(value.decode("ascii"))
     return fields
