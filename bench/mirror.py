@@ -491,13 +491,15 @@ class Breakdown:
 
         def fetch_key(session: Any, uids: Sequence[int], part: str) -> str:
             return ("IMAP UID FETCH headers (per batch)" if part == HEADERS
-                    else "IMAP UID FETCH whole message (per candidate)")
+                    else "IMAP UID FETCH whole messages (per batch with candidates)")
 
         def run_key(db: Any, work: Any, write: bool) -> str:
             if work is load_directory:
-                return "store: load_directory (per message)"
-            if "_decide" in getattr(work, "__qualname__", ""):
-                return "store: context_for (per message not vetoed)"
+                return "store: load_directory (per pass)"
+            if "_context" in getattr(work, "__qualname__", ""):
+                return "store: context_for_many (per batch with mail not vetoed)"
+            if "checkpoint" in getattr(work, "__qualname__", ""):
+                return "store: the checkpoint's transaction (not the watcher's own; not added up)"
             return "store: capture writer, sender (not the watcher's; not added up)"
 
         self.wrap_async(ImapSession, "fetch", fetch_key)
@@ -505,12 +507,14 @@ class Breakdown:
             self.wrap_async(ImapSession, name, lambda *a, **k: "IMAP SELECT, SEARCH, LIST")
         self.wrap_async(ImapSession, "open", lambda *a, **k: "IMAP connect and LOGIN")
         self.wrap_async(Database, "run", run_key)
-        self.wrap_async(Mailboxes, "checkpoint", lambda *a, **k: "store: checkpoint (per batch)")
+        self.wrap_async(Mailboxes, "checkpoint",
+                        lambda *a, **k: "store: captures + checkpoint, one commit (per batch)")
         for name in ("set_state", "set_synced", "record_folders"):
             self.wrap_async(Mailboxes, name, lambda *a, **k: "store: mailbox state, folders")
         for name in ("prepare", "confirm"):
             self.wrap_async(CaptureWriter, name,
                             lambda *a, **k: "capture: prepare + confirm (per candidate)")
+        self.wrap_sync(mirror, "never_captured", "rules: prefilter (raw header bytes)")
         self.wrap_sync(mirror, "read_message", "rules: read_message (parse headers)")
         self.wrap_sync(mirror, "decide", "rules: decide")
 

@@ -48,6 +48,31 @@ def imap_date(day: date) -> str:
     return f"{day.day:02d}-{_MONTHS[day.month - 1]}-{day.year}"
 
 
+class _Fetch(aioimaplib.FetchCommand):  # type: ignore[misc]
+    """aioimaplib's FETCH, with its check for a complete response kept as it goes.
+
+    aioimaplib asks after every response line whether the last message's
+    parentheses are closed, and answers by scanning every line received so
+    far: a batch of headers cost time quadratic in its size, more than the
+    mirror's whole judging. The same answer is kept here line by line.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # Parentheses opened and not yet closed since the last "n FETCH (" line.
+        self._open = 0
+        super().__init__(*args, **kwargs)
+
+    def append_to_resp(self, line: bytes | bytearray, result: str = "Pending") -> None:
+        super().append_to_resp(line, result)
+        if isinstance(line, bytes):  # literals (bytearray) do not count, as upstream
+            if self.FETCH_MESSAGE_DATA_RE.match(line):
+                self._open = 0
+            self._open += line.count(b"(") - line.count(b")")
+
+    def wait_data(self) -> bool:
+        return self._open != 0
+
+
 class ImapSession:
     def __init__(self, client: aioimaplib.IMAP4, timeout: float) -> None:
         self.client = client
@@ -146,6 +171,11 @@ class ImapSession:
         try:
             if command == "uid":
                 response = await asyncio.wait_for(self.client.uid(*args), self.timeout)
+            elif command == "fetch":
+                protocol = self.client.protocol
+                response = await asyncio.wait_for(protocol.execute(_Fetch(
+                    protocol.new_tag(), *args, prefix="UID", loop=protocol.loop,
+                    timeout=self.timeout)), self.timeout)
             elif command == "uid_search":
                 response = await self.client.uid_search(*args, charset=None)
             else:
@@ -200,7 +230,7 @@ class ImapSession:
         """`part` (e.g. BODY.PEEK[]) of each UID still there; expunged ones are absent."""
         if not uids:
             return {}
-        lines = await self._run("uid", "fetch", _uid_set(uids), f"(UID {part})")
+        lines = await self._run("fetch", _uid_set(uids), f"(UID {part})")
         found: dict[int, bytes] = {}
         for i, line in enumerate(lines):
             if isinstance(line, bytearray) or not _FETCH_START.match(line):

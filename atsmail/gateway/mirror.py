@@ -20,8 +20,9 @@ from atsmail.config import Config
 from atsmail.gateway.credentials import Credentials, CredentialsError, CredentialsRefusedError
 from atsmail.gateway.imap import ImapAuthError, ImapError, ImapSession, imap_date
 from atsmail.rules import Context, MessageFacts, decide, read_message
+from atsmail.rules.prefilter import never_captured
 from atsmail.secrets import SecretError
-from atsmail.storage import Capture, CaptureWriter, Store, lookup
+from atsmail.storage import Capture, Store, lookup
 from atsmail.storage.lookup import Directory, load_directory
 from atsmail.storage.mailboxes import FolderState, Mailboxes
 from atsmail.storage.models import Mailbox
@@ -35,6 +36,9 @@ HEADER_FIELDS = ("FROM SENDER REPLY-TO TO CC SUBJECT DATE MESSAGE-ID IN-REPLY-TO
 HEADERS = f"BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})]"
 WHOLE = "BODY.PEEK[]"
 BATCH = 200
+# Captured messages fetched whole in one command: they may carry CVs of
+# megabytes each, so a response stays bounded.
+WHOLE_BATCH = 20
 # How often the set of connected mailboxes is looked at again.
 DISCOVER_EVERY = 5.0
 
@@ -42,11 +46,9 @@ DISCOVER_EVERY = 5.0
 class Mirror:
     """Starts and stops one watcher per connected mailbox."""
 
-    def __init__(self, config: Config, store: Store, writer: CaptureWriter,
-                 credentials: Credentials) -> None:
+    def __init__(self, config: Config, store: Store, credentials: Credentials) -> None:
         self.config = config
         self.store = store
-        self.writer = writer
         self.credentials = credentials
         self.mailboxes = Mailboxes(store.db)
         self.watchers: dict[str, asyncio.Task[None]] = {}
@@ -140,8 +142,11 @@ class Watcher:
                 listed = await imap.folders()
                 folders = await self.mailboxes.record_folders(box.address, box.provider, listed)
                 synced = [f for f in folders if f.role != "none"]
+                # Who is internal, read once a pass: it changes rarely, and a
+                # change is seen on the next pass.
+                directory = await self.mirror.store.db.run(load_directory, write=False)
                 for folder in synced:
-                    await self._sync(imap, folder)
+                    await self._sync(imap, folder, directory)
                 await self.mailboxes.set_synced(box.address)
                 inbox = next((f for f in synced if f.role == "incoming"), None)
                 if can_idle and inbox is not None:
@@ -154,7 +159,7 @@ class Watcher:
         finally:
             await imap.close()
 
-    async def _sync(self, imap: ImapSession, folder: FolderState) -> None:
+    async def _sync(self, imap: ImapSession, folder: FolderState, directory: Directory) -> None:
         uidvalidity = await imap.select(folder.name)
         if folder.uidvalidity == uidvalidity:
             uids = await imap.uids_after(folder.last_uid)
@@ -166,63 +171,74 @@ class Watcher:
             if folder.uidvalidity is not None:
                 log.info("mailbox %s folder %s: UIDVALIDITY changed, reading it again",
                          self.box.address, folder.name)
-        last = folder.last_uid if folder.uidvalidity == uidvalidity else 0
-        directory = await self.mirror.store.db.run(load_directory, write=False)
         for start in range(0, len(uids), BATCH):
             batch = uids[start:start + BATCH]
             headers = await imap.fetch(batch, HEADERS)
-            await self._judge_batch(imap, folder, directory, headers)
-            last = batch[-1]
-            await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, last)
+            captures = await self._judge_batch(imap, folder, directory, headers)
+            # The batch's captures and the checkpoint past it commit together.
+            await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity,
+                                            batch[-1], captures)
+            for capture in captures:
+                log.info("mailbox %s folder %s: captured %s for %s", self.box.address,
+                         folder.name, capture.facts.message_id,
+                         ", ".join(capture.decision.candidates))
         if not uids and folder.uidvalidity != uidvalidity:
-            await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, last)
+            # An empty window under a new UIDVALIDITY: nothing read yet.
+            await self.mailboxes.checkpoint(self.box.address, folder.name, uidvalidity, 0)
 
     async def _judge_batch(self, imap: ImapSession, folder: FolderState, directory: Directory,
-                           headers: dict[int, bytes]) -> None:
-        """Judge a batch by headers with one store look-up; capture what counts.
+                           headers: dict[int, bytes]) -> list[Capture]:
+        """Judge a batch by headers with one store look-up; what counts is read whole.
 
         A message that cannot be read is logged and skipped; a store failure
         propagates, so the checkpoint stays before the batch and it is tried
         again.
         """
-        forwards = self.mirror.config.capture.capture_forwards
-        inbox = self.mirror.config.capture.ats_inbox
         quick = Context(internal_domains=directory.domains, team=directory.team,
-                        capture_forwards=forwards, folder_role=folder.role)
-        # Bulk mail and mail no team member takes part in need no look-up.
+                        capture_forwards=self.mirror.config.capture.capture_forwards,
+                        folder_role=folder.role)
+        # Bulk mail and mail no team member takes part in need no look-up;
+        # the plainest of it needs no parsing either.
         open_ = [(uid, facts) for uid, facts in
-                 ((uid, self._read(data, folder, uid)) for uid, data in sorted(headers.items()))
+                 ((uid, self._read(data, folder, uid, quick))
+                  for uid, data in sorted(headers.items()))
                  if facts is not None and not decide(facts, quick, stop_at_veto=True).vetoed]
         if not open_:
-            return
-        context = await self.mirror.store.db.run(lambda conn: lookup.context_for_many(
-            conn, [f for _, f in open_], directory, forwards, folder.role, inbox), write=False)
-        for uid, facts in open_:
-            decision = decide(facts, context)
-            # Forwards may show only in the body: those are read whole too.
-            if decision.capture or facts.forward.subject_prefix:
-                await self._capture_whole(imap, folder, uid, directory)
+            return []
+        context = await self._context(folder, directory, [f for _, f in open_])
+        # Forwards may show only in the body: those are read whole too.
+        wanted = [uid for uid, facts in open_
+                  if decide(facts, context).capture or facts.forward.subject_prefix]
+        captures: list[Capture] = []
+        for start in range(0, len(wanted), WHOLE_BATCH):
+            captures += await self._judge_whole(imap, folder, directory,
+                                                wanted[start:start + WHOLE_BATCH])
+        return captures
 
-    async def _capture_whole(self, imap: ImapSession, folder: FolderState, uid: int,
-                             directory: Directory) -> None:
-        whole = (await imap.fetch([uid], WHOLE)).get(uid)
-        if whole is None:
-            return  # expunged meanwhile
-        facts = self._read(whole, folder, uid)
-        if facts is None:
-            return
+    async def _judge_whole(self, imap: ImapSession, folder: FolderState, directory: Directory,
+                           uids: list[int]) -> list[Capture]:
+        """Fetch `uids` whole in one command and judge them on all they say."""
+        read = [(facts, whole) for facts, whole in
+                ((self._read(whole, folder, uid), whole)
+                 for uid, whole in sorted((await imap.fetch(uids, WHOLE)).items()))
+                if facts is not None]  # an expunged message is simply absent
+        if not read:
+            return []
+        context = await self._context(folder, directory, [f for f, _ in read])
+        captures = []
+        for facts, whole in read:
+            decision = decide(facts, context)
+            if decision.capture:
+                captures.append(Capture(facts, decision, whole, "mirror",
+                                        mailbox=self.box.address))
+        return captures
+
+    async def _context(self, folder: FolderState, directory: Directory,
+                       messages: list[MessageFacts]) -> Context:
         forwards = self.mirror.config.capture.capture_forwards
         inbox = self.mirror.config.capture.ats_inbox
-        context = await self.mirror.store.db.run(lambda conn: lookup.context_for(
-            conn, facts, directory, forwards, folder.role, inbox), write=False)
-        decision = decide(facts, context)
-        if not decision.capture:
-            return
-        prepared = await self.mirror.writer.prepare(
-            Capture(facts, decision, whole, "mirror", mailbox=self.box.address))
-        await self.mirror.writer.confirm(prepared)
-        log.info("mailbox %s folder %s UID %d: captured %s for %s", self.box.address,
-                 folder.name, uid, facts.message_id, ", ".join(decision.candidates))
+        return await self.mirror.store.db.run(lambda conn: lookup.context_for_many(
+            conn, messages, directory, forwards, folder.role, inbox), write=False)
 
     async def _backfill(self, imap: ImapSession) -> list[int]:
         settings, provider = self.settings, self.box.provider
@@ -234,8 +250,13 @@ class Watcher:
             since = datetime.now(UTC) - timedelta(days=settings.backfill_imap_days)
         return await imap.search(f"SINCE {imap_date(since.date())}")
 
-    def _read(self, data: bytes, folder: FolderState, uid: int) -> MessageFacts | None:
+    def _read(self, data: bytes, folder: FolderState, uid: int,
+              directory: Context | None = None) -> MessageFacts | None:
+        """The message's facts; None when it cannot be read, or when `directory`
+        (internal domains and team) shows that the rules can never capture it."""
         try:
+            if directory is not None and never_captured(data, directory):
+                return None
             return read_message(data)
         except Exception:
             log.exception("mailbox %s folder %s UID %d: unreadable, skipped",

@@ -27,7 +27,7 @@ class Gateway:
         # One set of logins for the mirror and the sender: a mailbox's access
         # token is refreshed once for both.
         credentials = Credentials(config, Mailboxes(self.store.db))
-        self.mirror = (Mirror(config, self.store, self.writer, credentials)
+        self.mirror = (Mirror(config, self.store, credentials)
                        if config.mirror.enabled else None)
         self.sender = Sender(config, self.store, self.writer, credentials)
         self.http = HttpServer(config, self.store) if config.api.enabled else None

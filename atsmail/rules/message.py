@@ -31,7 +31,7 @@ _MSG_ID_MAX = 900
 _MSG_ID = re.compile(rf"<([^<>\s\x00-\x1f\x7f]{{1,{_MSG_ID_MAX}}})>")
 _REPLY_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:re|aw|sv|antw|r)\s*:", re.IGNORECASE)
 # Only the outermost prefix counts: "Re: Fwd: ..." is a reply to a forward.
-_FORWARD_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:fwd?|wg|tr|rv)\s*:", re.IGNORECASE)
+FORWARD_SUBJECT = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?(?:fwd?|wg|tr|rv)\s*:", re.IGNORECASE)
 # Markers that mail clients put above an inline forwarded message; a quoted
 # one (after ">") belongs to a reply. Only forward markers count as a
 # forward: "Original Message" and Outlook's line of underscores introduce
@@ -51,7 +51,7 @@ _ORIGINAL_MARKERS = re.compile(
 # Worth parsing the body for: a forward marker, an attached message, or text
 # whose encoding could hide a marker. Plain substring tests on the lower-cased
 # bytes: far cheaper than a regex over every message the relay sees.
-_FORWARD_HINTS = (
+FORWARD_HINTS = (
     b"forwarded message", b"weitergeleitete nachricht", b"message transf",
     b"mensaje reenviado", b"doorgestuurd bericht", b"messaggio inoltrato",
     b"anfang der weitergeleiteten", b"message/rfc822", b"base64",
@@ -112,14 +112,14 @@ class MessageFacts:
     @cached_property
     def forward(self) -> Forward:
         """Read from the body on first use, and only when a forward is possible."""
-        if not _might_forward(self.subject, self.raw):
+        if not might_forward(self.subject, self.raw):
             return Forward()
         try:
             return _read_forward(BytesParser(policy=compat32).parsebytes(self.raw), self.subject)
         except RecursionError:
             # The email parser recurses per MIME level; hostile nesting is not
             # read as a forward rather than failing the message.
-            return Forward(subject_prefix=bool(_FORWARD_SUBJECT.match(self.subject)))
+            return Forward(subject_prefix=bool(FORWARD_SUBJECT.match(self.subject)))
 
     @property
     def participants(self) -> tuple[str, ...]:
@@ -167,7 +167,7 @@ def read_message(
     # Headers only: the body is read later, and only when a forward is possible.
     # The parser walks a body line by line even with headersonly, so it gets
     # just the header block.
-    msg = BytesParser(policy=compat32).parsebytes(_header_block(raw), headersonly=True)
+    msg = BytesParser(policy=compat32).parsebytes(header_block(raw), headersonly=True)
     defects: list[str] = [type(d).__name__ for d in msg.defects]
     reader = _HeaderReader(msg, defects)
     ids = reader.message_ids("Message-ID")
@@ -200,7 +200,7 @@ _UNDECODABLE = (HeaderParseError, LookupError, UnicodeError, ValueError)
 _DECODE_LIMIT = 64 * 1024
 
 
-def _header_block(raw: bytes) -> bytes:
+def header_block(raw: bytes) -> bytes:
     """The bytes up to and including the blank line that ends the header."""
     crlf = raw.find(b"\r\n\r\n")
     # A bare-LF blank line may end the header earlier (or be the only one).
@@ -225,6 +225,40 @@ def _decode_words(value: str) -> str:
     return str(make_header(decode_header(value)))
 
 
+def header_text(name: str, value: str, defects: list[str]) -> str:
+    """A header's value as the rules see it: words decoded, controls and runs of
+    whitespace gone. Undecodable words are kept as they are and noted in `defects`."""
+    value = value[:_DECODE_LIMIT]
+    if "=?" in value:
+        try:
+            value = _decode_words(value)
+        except _UNDECODABLE:
+            defects.append(f"{name}: undecodable encoded word")
+    # Control characters (terminal escapes) never reach a screen or a log.
+    return " ".join(_CONTROL.sub("", value).split())
+
+
+def header_addresses(name: str, values: list[str], defects: list[str]) -> tuple[str, ...]:
+    """The normalised addresses in every value of one address header, each once."""
+    found: list[str] = []
+    for _, address in getaddresses(values):
+        if "=?" in address:
+            # Some writers encode the address itself as RFC 2047 words.
+            # Only the address part is decoded: an address written in an
+            # encoded display name is never a participant (anyone could
+            # pose as a candidate or a team member that way).
+            try:
+                # The decoder puts spaces between encoded and plain runs.
+                address = "".join(_decode_words(address[:_DECODE_LIMIT]).split())
+            except _UNDECODABLE:
+                defects.append(f"{name}: undecodable encoded word")
+                continue
+        normalized = try_normalize(address) if address else None
+        if normalized:
+            found.append(normalized)
+    return tuple(dict.fromkeys(found))
+
+
 class _HeaderReader:
     """Header access over the fast `compat32` model that survives malformed headers."""
 
@@ -239,35 +273,10 @@ class _HeaderReader:
 
     def text(self, name: str) -> str:
         values = self._values(name)
-        if not values:
-            return ""
-        value = values[0][:_DECODE_LIMIT]
-        if "=?" in value:
-            try:
-                value = _decode_words(value)
-            except _UNDECODABLE:
-                self.defects.append(f"{name}: undecodable encoded word")
-        # Control characters (terminal escapes) never reach a screen or a log.
-        return " ".join(_CONTROL.sub("", value).split())
+        return header_text(name, values[0], self.defects) if values else ""
 
     def addresses(self, name: str) -> tuple[str, ...]:
-        found: list[str] = []
-        for _, address in getaddresses(self._values(name)):
-            if "=?" in address:
-                # Some writers encode the address itself as RFC 2047 words.
-                # Only the address part is decoded: an address written in an
-                # encoded display name is never a participant (anyone could
-                # pose as a candidate or a team member that way).
-                try:
-                    # The decoder puts spaces between encoded and plain runs.
-                    address = "".join(_decode_words(address[:_DECODE_LIMIT]).split())
-                except _UNDECODABLE:
-                    self.defects.append(f"{name}: undecodable encoded word")
-                    continue
-            normalized = try_normalize(address) if address else None
-            if normalized:
-                found.append(normalized)
-        return tuple(dict.fromkeys(found))
+        return header_addresses(name, self._values(name), self.defects)
 
     def message_ids(self, name: str) -> tuple[str, ...]:
         ids: list[str] = []
@@ -290,12 +299,12 @@ class _HeaderReader:
         return parsed
 
 
-def _might_forward(subject: str, raw: bytes) -> bool:
+def might_forward(subject: str, raw: bytes) -> bool:
     """Cheap signs that reading the body for a forward is worth it."""
-    if _FORWARD_SUBJECT.match(subject):
+    if FORWARD_SUBJECT.match(subject):
         return True
     lowered = raw.lower()
-    return any(hint in lowered for hint in _FORWARD_HINTS)
+    return any(hint in lowered for hint in FORWARD_HINTS)
 
 
 def _read_forward(msg: Message, subject: str) -> Forward:
@@ -318,7 +327,7 @@ def _read_forward(msg: Message, subject: str) -> Forward:
         forward_marks = list(_FORWARD_MARKERS.finditer(text))
         inline = bool(forward_marks)
         marks = forward_marks or (
-            list(_ORIGINAL_MARKERS.finditer(text)) if _FORWARD_SUBJECT.match(subject) else [])
+            list(_ORIGINAL_MARKERS.finditer(text)) if FORWARD_SUBJECT.match(subject) else [])
         for mark in marks[:_MAX_BLOCKS]:
             # The forwarded header block ends at its first blank line.
             block = text[mark.end():mark.end() + _BLOCK_SPAN].lstrip("\n").split("\n\n", 1)[0]
@@ -327,7 +336,7 @@ def _read_forward(msg: Message, subject: str) -> Forward:
             senders.extend(_named(" ".join(_BLOCK_FROM.findall(block)[:1])))
 
     return Forward(
-        subject_prefix=bool(_FORWARD_SUBJECT.match(subject)),
+        subject_prefix=bool(FORWARD_SUBJECT.match(subject)),
         attached=attached,
         inline=inline,
         original_addresses=tuple(dict.fromkeys(addresses)),

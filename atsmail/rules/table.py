@@ -11,7 +11,7 @@ from atsmail.rules.context import CandidateInfo, Context, KnownMessage
 from atsmail.rules.engine import Rule, Verdict
 from atsmail.rules.message import MessageFacts
 
-_BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
+BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
 
 
 def _names(candidates: list[CandidateInfo] | set[str]) -> str:
@@ -29,7 +29,7 @@ class Bulk:
             reasons.append(f"List-Id: {msg.list_id}")
         if msg.list_unsubscribe:
             reasons.append("has List-Unsubscribe")
-        if msg.precedence in _BULK_PRECEDENCE:
+        if msg.precedence in BULK_PRECEDENCE:
             reasons.append(f"Precedence: {msg.precedence}")
         if not reasons:
             return Verdict(False, ("no list or bulk headers",))

@@ -191,6 +191,22 @@ def apply(conn: Connection, operations: list[_Operation]) -> list[Prepared | Non
     return results
 
 
+def keep(conn: Connection, captures: list[Capture]) -> list[Prepared]:
+    """Store and confirm `captures` at once, on `conn`'s transaction.
+
+    For mail already delivered (found in a mailbox), where no upstream answer
+    is awaited: a pending copy (the relay's, say) is confirmed too, as the
+    mail evidently went through. Used by the mirror to commit a batch's
+    captures together with its checkpoint.
+    """
+    if not captures:
+        return []
+    results = apply(conn, [_Operation("prepare", capture=c) for c in captures])
+    kept = [r for r in results if r is not None]
+    conn.execute(_CONFIRM, {"pks": sorted({r.pk for r in kept})})
+    return kept
+
+
 def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
              results: list[Prepared | None]) -> None:
     """Store pending copies, or find those a retry (or another source) stored."""

@@ -10,9 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from atsmail.storage.capture import Capture, keep
 from atsmail.storage.db import Database
 from atsmail.storage.models import (
     FOLDER_ROLES,
@@ -37,6 +39,11 @@ SENT_FOLDERS = {
     "outlook": ("Sent Items", "Gesendete Elemente", "Éléments envoyés"),
     "imap": ("Sent", "Sent Messages", "Sent Items"),
 }
+# Built once: SQLAlchemy then reuses its compiled form on every batch.
+_CHECKPOINT = (update(MailboxFolder)
+               .where(MailboxFolder.mailbox == bindparam("address"),
+                      MailboxFolder.name == bindparam("folder"))
+               .values(uidvalidity=bindparam("to_uidvalidity"), last_uid=bindparam("to_uid")))
 
 
 @dataclass(frozen=True)
@@ -245,12 +252,17 @@ class Mailboxes:
             await session.flush()
             return [_state(known[name]) for name, _ in listed]
 
-    async def checkpoint(self, address: str, folder: str, uidvalidity: int,
-                         last_uid: int) -> None:
-        async with self.db.write() as session:
-            await session.execute(update(MailboxFolder).where(
-                MailboxFolder.mailbox == address, MailboxFolder.name == folder,
-            ).values(uidvalidity=uidvalidity, last_uid=last_uid))
+    async def checkpoint(self, address: str, folder: str, uidvalidity: int, last_uid: int,
+                         captures: Sequence[Capture] = ()) -> None:
+        """Store what the mirror captured up to `last_uid` and move the folder's
+        checkpoint there, in one transaction: the checkpoint can never pass
+        mail whose capture failed, and a batch costs one commit."""
+        def work(conn: Connection) -> None:
+            keep(conn, list(captures))
+            conn.execute(_CHECKPOINT, {"address": address, "folder": folder,
+                                       "to_uidvalidity": uidvalidity, "to_uid": last_uid})
+
+        await self.db.run(work, write=True)
 
     async def replace_secret(self, address: str, old: bytes, new: bytes) -> None:
         """Keep a refresh token the provider rotated, unless the mailbox changed meanwhile."""

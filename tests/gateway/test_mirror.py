@@ -8,6 +8,7 @@ would, and waits (bounded) for what the store then holds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,9 +16,12 @@ from pathlib import Path
 import pytest
 
 from atsmail.config import MirrorConfig, OAuthConfig, SecretsConfig
+from atsmail.gateway import mirror
 from atsmail.gateway.server import Gateway
+from atsmail.rules import MessageFacts
 from atsmail.secrets import Secrets
-from atsmail.storage import Store
+from atsmail.storage import Store, mailboxes
+from atsmail.storage.capture import Capture, Prepared
 from atsmail.storage.mailboxes import Account, Mailboxes
 from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
 from tests.dovecot import Dovecot
@@ -165,6 +169,68 @@ async def test_uidvalidity_change_rereads_without_duplicates(
     await eventually(reread)
     subjects = sorted(t.subject for t in await team.threads("C-1"))
     assert subjects == ["After the reset", "Before the reset"]
+
+
+async def _checkpoint(store: Store, address: str, folder: str = "INBOX") -> int:
+    return next(f.last_uid for f in await Mailboxes(store.db).folders(address)
+                if f.name == folder)
+
+
+async def test_an_unreadable_message_is_skipped_and_logged_and_the_folder_goes_on(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    alice, password, _ = mirrored
+    read = mirror.read_message
+
+    def fragile(raw: bytes) -> MessageFacts:
+        if b"Unreadable" in raw:
+            raise ValueError("a parser bug")
+        return read(raw)
+
+    monkeypatch.setattr(mirror, "read_message", fragile)
+    for subject in ("Before", "Unreadable", "After"):
+        await asyncio.to_thread(dovecot.deliver, alice, password,
+                                make_mail(ADA, alice, subject))
+    with caplog.at_level(logging.ERROR, logger=mirror.__name__):
+        await eventually(lambda: _threads(team, "C-1", 2))
+        await eventually(lambda: _checkpoint_is(team, alice, 3))
+    assert sorted(t.subject for t in await team.threads("C-1")) == ["After", "Before"]
+    assert any("UID 2: unreadable, skipped" in r.getMessage() for r in caplog.records)
+
+
+async def _checkpoint_is(store: Store, address: str, uid: int) -> bool:
+    return await _checkpoint(store, address) >= uid
+
+
+async def test_a_store_failure_keeps_the_checkpoint_and_the_batch_is_read_again(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, password, _ = mirrored
+    keep = mailboxes.keep
+    failures: list[int] = []
+    store_is_broken = True
+
+    def failing(conn: object, captures: list[Capture]) -> list[Prepared]:
+        if captures and store_is_broken:
+            failures.append(len(captures))
+            raise OSError("disk full")
+        return keep(conn, captures)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mailboxes, "keep", failing)
+    await asyncio.to_thread(dovecot.deliver, alice, password,
+                            make_mail(ADA, alice, "Kept after all"))
+
+    async def errored() -> bool:
+        return bool(failures) and (await Mailboxes(team.db).get(alice)).state == "error"
+
+    await eventually(errored)
+    # The capture and the checkpoint are one transaction: neither happened.
+    assert await _checkpoint(team, alice) == 0
+    assert await team.threads("C-1") == []
+    store_is_broken = False
+    await eventually(lambda: _threads(team, "C-1", 1))
+    await eventually(lambda: _checkpoint_is(team, alice, 1))
+    assert [t.subject for t in await team.threads("C-1")] == ["Kept after all"]
 
 
 async def test_wrong_password_is_shown_and_other_mailboxes_carry_on(
