@@ -223,9 +223,16 @@ class ThreadRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def delete_empty_threads(self) -> None:
-        await self.session.execute(delete(Thread).where(
-            ~exists().where(CapturedMessage.thread_id == Thread.id)))
+    async def delete_empty_threads(self, among: Collection[int] | None = None) -> int:
+        """Delete threads no message is left in (only `among` these, if given); how many.
+
+        `among` spares a batched purge a scan of every thread per batch.
+        """
+        query = delete(Thread).where(~exists().where(CapturedMessage.thread_id == Thread.id))
+        if among is not None:
+            query = query.where(Thread.id.in_(among))
+        result = await self.session.execute(query)
+        return int(getattr(result, "rowcount", 0) or 0)
 
     async def erase_candidate_messages(self, candidate_id: str) -> int:
         """Delete the messages that only this candidate is tied to; return how many."""
@@ -239,6 +246,23 @@ class ThreadRepository:
             MessageCandidate.candidate_id == candidate_id))
         await self.delete_empty_threads()
         return int(getattr(result, "rowcount", 0) or 0)
+
+    async def purge_captured_before(self, cutoff: datetime, limit: int) -> tuple[int, int]:
+        """Delete up to `limit` confirmed messages captured before `cutoff`, and the
+        threads they leave empty: (messages, threads).
+
+        Their candidate links and sources go with them (foreign keys cascade).
+        Pending copies stay whatever their age: a relay session still holds them.
+        """
+        rows = list(await self.session.execute(
+            select(CapturedMessage.id, CapturedMessage.thread_id)
+            .where(CapturedMessage.state == "confirmed", CapturedMessage.created_at < cutoff)
+            .order_by(CapturedMessage.id).limit(limit)))
+        if not rows:
+            return 0, 0
+        await self.session.execute(delete(CapturedMessage).where(
+            CapturedMessage.id.in_([pk for pk, _ in rows])))
+        return len(rows), await self.delete_empty_threads(sorted({tid for _, tid in rows}))
 
     async def summaries(self, candidate_id: str | None = None) -> list[ThreadSummary]:
         confirmed = CapturedMessage.state == "confirmed"
@@ -306,3 +330,24 @@ class ThreadRepository:
         for pk, source in rows:
             found[pk].append(source)
         return found
+
+
+class OutboxRepository:
+    """What the outbox keeps of mail from the ATS."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def purge_created_before(self, cutoff: datetime, limit: int) -> int:
+        """Delete up to `limit` sent or failed messages created before `cutoff`; how many.
+
+        Queued and sending ones stay whatever their age: they are not done.
+        """
+        ids = list(await self.session.scalars(
+            select(OutboxMessage.id)
+            .where(OutboxMessage.status.in_(("sent", "failed")),
+                   OutboxMessage.created_at < cutoff)
+            .order_by(OutboxMessage.id).limit(limit)))
+        if ids:
+            await self.session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+        return len(ids)
