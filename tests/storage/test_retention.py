@@ -80,8 +80,9 @@ async def test_a_purge_removes_old_mail_and_keeps_new_and_pending(team: Store) -
 
     assert (result.messages, result.threads, result.outbox, result.scrubbed) == (3, 2, 2, True)
     assert result.cutoff == now - timedelta(days=30)
+    # A thread that keeps newer mail now takes its subject from that mail.
     assert sorted((t.subject, t.message_count) for t in await team.threads()) == [
-        ("Forged old", 1), ("Mixed", 1), ("New", 1)]
+        ("Forged old", 1), ("New", 1), ("Re: Mixed", 1)]
     async with team.db.read() as session:
         left = set(await session.scalars(select(CapturedMessage.subject)))
     assert left == {"Re: Mixed", "New", "Forged old", "In flight"}
@@ -129,8 +130,10 @@ async def test_purged_text_is_gone_from_the_sqlite_files(team: Store, store_url:
     path = Path(store_url.partition(":///")[2])
     marker = "Okapi-Retention-4417"
     await capture(team, make_mail(RECRUITER, ADA, f"About {marker}",
-                                  f"The {marker} body.\n" * 50))
+                                  f"The {marker} body.\n" * 50, message_id="<okapi@example.com>"))
     await captured_days_ago(team, 40, f"About {marker}")
+    await capture(team, make_mail(ADA, RECRUITER, "Re: the job", "Thanks.\n",
+                                  In_Reply_To="<okapi@example.com>"))
     await Mailboxes(team.db).set_hosted_identity(RECRUITER, "rita@hosted.example")
     item = await queue_message(team.db, RECRUITER, [ADA], f"Re {marker}", f"Sent {marker}.\n")
     await Outbox(team.db).sent(item.id)
@@ -142,8 +145,8 @@ async def test_purged_text_is_gone_from_the_sqlite_files(team: Store, store_url:
     assert marker.encode() in path.read_bytes()
 
     result = await team.purge(30)
-    assert (result.messages, result.outbox, result.scrubbed) == (1, 1, True)
+    assert (result.messages, result.threads, result.outbox, result.scrubbed) == (1, 0, 1, True)
     files = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
     for file in files:
         assert marker.encode() not in file.read_bytes(), file.name
-    assert [t.subject for t in await team.threads()] == ["Kept"]
+    assert sorted(t.subject for t in await team.threads()) == ["Kept", "Re: the job"]
