@@ -155,7 +155,7 @@ def serve(ctx: click.Context, verbose: bool) -> None:
 @json_option
 @click.pass_context
 def purge(ctx: click.Context, older_than_days: int | None, as_json: bool) -> None:
-    """Purge captured mail (and sent outbox mail) older than the retention period, now.
+    """Purge captured mail, and sent or failed outbox mail, older than retention_days, now.
 
     `serve` does this daily; the purge is written to the audit log.
     """

@@ -19,8 +19,8 @@ from atsmail.storage.retention import apply_retention
 
 log = logging.getLogger(__name__)
 
-# Retention is applied this long after start (not at once: starting stays
-# quick, and a crash loop does not purge on every restart) and then this often.
+# Retention is applied this long after start (not at once: the relay is
+# serving before a large purge competes with it for the store) and then this often.
 RETENTION_FIRST_RUN = 60.0
 RETENTION_INTERVAL = 24 * 3600.0
 
