@@ -39,6 +39,7 @@ from atsmail.storage.mailboxes import (
 )
 from atsmail.storage.models import FOLDER_ROLES, ROLES, SHARING_LEVELS
 from atsmail.storage.outbox import Outbox, outbox_json
+from atsmail.storage.retention import apply_retention
 from atsmail.storage.store import job_json, member_json
 from atsmail.storage.visibility import Viewer
 
@@ -169,6 +170,34 @@ def serve(ctx: click.Context, verbose: bool) -> None:
         raise click.ClickException(_store_problem(config, exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
+
+
+@main.command()
+@click.option("--older-than-days", type=click.IntRange(min=1), metavar="N",
+              help="Purge what is older than N days instead of [capture] retention_days.")
+@json_option
+@click.pass_context
+def purge(ctx: click.Context, older_than_days: int | None, as_json: bool) -> None:
+    """Purge captured mail, and sent or failed outbox mail, older than retention_days, now.
+
+    `serve` does this daily; the purge is written to the audit log.
+    """
+    days = older_than_days or _config(ctx).capture.retention_days
+    if not days:
+        click.echo("retention_days is 0 in [capture]: mail is kept until its candidate is "
+                   "deleted, so nothing was purged", err=True)
+        if as_json:
+            _print_json({"messages": 0, "threads": 0, "outbox": 0, "cutoff": None,
+                         "scrubbed": True})
+        return
+    result = _run(ctx, lambda s: apply_retention(s, days, "cli"))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        click.echo(f"purged {result.messages} messages, {result.threads} threads and "
+                   f"{result.outbox} outbox messages from before {result.cutoff.isoformat()}")
+    if not result.scrubbed:
+        _warn_not_scrubbed("purged")
 
 
 # --- team members ------------------------------------------------------------
@@ -357,8 +386,12 @@ def candidate_delete(ctx: click.Context, candidate_id: str) -> None:
                                 f"candidate:{candidate_id}")
     click.echo(f"deleted candidate {candidate_id} and erased {erased} messages")
     if not scrubbed:
-        click.echo("warning: other readers kept the store's write-ahead log busy, so the erased "
-                   "text may still be in atsmail.db-wal until the next checkpoint", err=True)
+        _warn_not_scrubbed("erased")
+
+
+def _warn_not_scrubbed(what: str) -> None:
+    click.echo(f"warning: other readers kept the store's write-ahead log busy, so the {what} "
+               "text may still be in atsmail.db-wal until the next checkpoint", err=True)
 
 
 @candidate.command("import")

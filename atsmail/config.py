@@ -75,8 +75,8 @@ class CaptureConfig:
     capture_forwards: bool = True
     # Mail forwarded to this address makes the original's sender a candidate.
     ats_inbox: str = ""
-    # Captured mail older than this many days is purged; 0 keeps it until
-    # its candidate is deleted.
+    # Captured mail older than this many days (since its capture) is purged;
+    # 0 keeps it until its candidate is deleted.
     retention_days: int = 0
 
 

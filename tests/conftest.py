@@ -236,6 +236,7 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     capture_forwards = relay.pop("capture_forwards", True)
     ats_inbox = relay.pop("ats_inbox", "")
+    retention_days = relay.pop("retention_days", 0)
     mirror: MirrorConfig = relay.pop("mirror", MirrorConfig(enabled=False))
     secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
     dkim: DkimConfig = relay.pop("dkim", DkimConfig())
@@ -245,7 +246,8 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
                       upstream=upstream, upstream_timeout=5, **relay),
-        capture=CaptureConfig(capture_forwards=capture_forwards, ats_inbox=ats_inbox),
+        capture=CaptureConfig(capture_forwards=capture_forwards, ats_inbox=ats_inbox,
+                              retention_days=retention_days),
         secrets=secrets,
         mirror=mirror,
         dkim=dkim,

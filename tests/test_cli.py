@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ from atsmail.storage import Store
 from atsmail.storage.access import Access
 from atsmail.storage.models import AuditEntry
 from tests.conftest import make_mail
+from tests.storage.test_retention import captured_days_ago
+from tests.storage.test_store import capture
 
 
 def free_port() -> int:
@@ -244,6 +247,49 @@ def test_explain_prints_the_whole_trace(cli: Cli, tmp_path: Path) -> None:
     assert cli.json("explain", str(mail))["capture"] is False  # type: ignore[index]
     text = cli("explain", str(mail)).stdout
     assert "PASS" in text and "team-scope" in text
+
+
+def test_purge_applies_retention_and_says_what_it_did(cli: Cli, config_file: Path) -> None:
+    assert "retention_days is 0" in cli("purge").stderr
+    assert cli.json("purge") == {"messages": 0, "threads": 0, "outbox": 0, "cutoff": None,
+                                 "scrubbed": True}
+    cli("domain", "add", "example.com")
+    cli("user", "add", "recruiter@example.com")
+    cli("candidate", "add", "C-1", "--name", "Ada", "--email", "ada@applicant.test")
+
+    async def seed() -> None:
+        store = Store.open(f"sqlite+aiosqlite:///{config_file.parent}/store/atsmail.db")
+        try:
+            for subject, days in (("Old", 40), ("New", 0)):
+                await capture(store, make_mail("recruiter@example.com", "ada@applicant.test",
+                                               subject))
+                await captured_days_ago(store, days, subject)
+        finally:
+            await store.close()
+
+    asyncio.run(seed())
+    config_file.write_text(config_file.read_text() + "\n[capture]\nretention_days = 30\n")
+    before = datetime.now().astimezone()
+    purged = cli.json("purge")
+    assert isinstance(purged, dict)
+    assert {k: v for k, v in purged.items() if k != "cutoff"} == {
+        "messages": 1, "threads": 1, "outbox": 0, "scrubbed": True}
+    cutoff = datetime.fromisoformat(purged["cutoff"])
+    assert before - timedelta(days=30) <= cutoff <= datetime.now().astimezone() - timedelta(days=30)
+    assert [t["subject"] for t in cli.json("threads")] == ["New"]  # type: ignore[union-attr]
+    assert "purged 0 messages, 0 threads and 0 outbox messages from before" in cli(
+        "purge", "--older-than-days", "1").stdout
+    cli("purge", "--older-than-days", "0", code=2)
+
+    async def audited() -> list[tuple[str, object]]:
+        store = Store.open(f"sqlite+aiosqlite:///{config_file.parent}/store/atsmail.db")
+        try:
+            return [(e.actor, e.detail["retention_days"]) for e in await Access(store.db).audit()
+                    if e.action == "retention.purge"]
+        finally:
+            await store.close()
+
+    assert asyncio.run(audited()) == [("cli", 1), ("cli", 30)]
 
 
 # --- the real process ------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The running gateway: the store, the capture writer, the relay, mirror and sender."""
+"""The running gateway: the store, the capture writer, the relay, mirror and sender,
+and the daily purge of mail past its retention."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -14,8 +16,14 @@ from atsmail.gateway.relay import Relay
 from atsmail.gateway.sender import Sender
 from atsmail.storage import CaptureWriter, Store
 from atsmail.storage.mailboxes import Mailboxes
+from atsmail.storage.retention import apply_retention
 
 log = logging.getLogger(__name__)
+
+# Retention is applied this long after start (not at once: the relay is
+# serving before a large purge competes with it for the store) and then this often.
+RETENTION_FIRST_RUN = 60.0
+RETENTION_INTERVAL = 24 * 3600.0
 
 
 class Gateway:
@@ -31,6 +39,7 @@ class Gateway:
                        if config.mirror.enabled else None)
         self.sender = Sender(config, self.store, self.writer, credentials)
         self.http = HttpServer(config, self.store) if config.api.enabled else None
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.ensure_current()
@@ -41,12 +50,21 @@ class Gateway:
         await self.sender.start()
         if self.http is not None:
             await self.http.start()
+        if self.config.capture.retention_days > 0:
+            self._retention = asyncio.create_task(
+                self._apply_retention(self.config.capture.retention_days), name="retention")
         log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
                  self.relay.port, self.config.relay.upstream)
 
     async def stop(self, grace: float | None = None) -> None:
         if self.http is not None:
             await self.http.stop()
+        if self._retention is not None:
+            # A batch cut short rolls back; the next run purges it.
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+            self._retention = None
         await self.sender.stop()
         if self.mirror is not None:
             await self.mirror.stop()
@@ -54,6 +72,25 @@ class Gateway:
         await self.writer.stop()
         await self.store.close()
         log.info("stopped")
+
+    async def _apply_retention(self, retention_days: int) -> None:
+        """Purge mail older than `retention_days` now and then, for as long as we run.
+
+        A failed purge is logged and left to the next run: what it missed is
+        still old then, and nothing else waits on it.
+        """
+        delay = RETENTION_FIRST_RUN
+        while True:
+            await asyncio.sleep(delay)
+            delay = RETENTION_INTERVAL
+            try:
+                result = await apply_retention(self.store, retention_days, "retention")
+            except Exception:
+                log.exception("the retention purge failed; trying again in %.0f s", delay)
+                continue
+            log.info("retention: purged %d messages, %d threads and %d outbox messages "
+                     "from before %s", result.messages, result.threads, result.outbox,
+                     result.cutoff.isoformat())
 
 
 async def serve(config: Config) -> None:

@@ -172,7 +172,9 @@ class CapturedMessage(Base):
     """One captured message. `state` is `pending` until the upstream accepted it."""
 
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_message_id", "message_id"),)
+    __table_args__ = (Index("ix_messages_message_id", "message_id"),
+                      # Retention finds what was captured before its cutoff.
+                      Index("ix_messages_created_at", "created_at"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     thread_id: Mapped[int] = mapped_column(

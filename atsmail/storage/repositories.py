@@ -223,9 +223,27 @@ class ThreadRepository:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def delete_empty_threads(self) -> None:
-        await self.session.execute(delete(Thread).where(
-            ~exists().where(CapturedMessage.thread_id == Thread.id)))
+    async def delete_empty_threads(self, among: Collection[int]) -> int:
+        """Delete those of these threads that no message is left in; how many."""
+        result = await self.session.execute(delete(Thread).where(
+            Thread.id.in_(among), ~exists().where(CapturedMessage.thread_id == Thread.id)))
+        return int(getattr(result, "rowcount", 0) or 0)
+
+    async def settle_threads(self, among: Collection[int]) -> int:
+        """After messages left these threads: delete the ones left empty, and give
+        the rest the subject and latest date of what is left; how many went.
+
+        A thread's subject and date were taken from its messages; left as they
+        were, they would outlive the mail they came from.
+        """
+        deleted = await self.delete_empty_threads(among)
+        in_thread = CapturedMessage.thread_id == Thread.id
+        first_subject = (select(CapturedMessage.subject).where(in_thread)
+                         .order_by(CapturedMessage.id).limit(1).scalar_subquery())
+        latest = select(func.max(CapturedMessage.date)).where(in_thread).scalar_subquery()
+        await self.session.execute(update(Thread).where(Thread.id.in_(among)).values(
+            subject=first_subject, last_date=func.coalesce(latest, Thread.last_date)))
+        return deleted
 
     async def erase_candidate_messages(self, candidate_id: str) -> int:
         """Delete the messages that only this candidate is tied to; return how many."""
@@ -233,12 +251,31 @@ class ThreadRepository:
             MessageCandidate.candidate_id == candidate_id)
         shared = select(MessageCandidate.message_pk).where(
             MessageCandidate.candidate_id != candidate_id)
-        result = await self.session.execute(delete(CapturedMessage).where(
-            CapturedMessage.id.in_(mine), CapturedMessage.id.not_in(shared)))
+        only_mine = (CapturedMessage.id.in_(mine), CapturedMessage.id.not_in(shared))
+        threads = list(await self.session.scalars(
+            select(CapturedMessage.thread_id).where(*only_mine).distinct()))
+        result = await self.session.execute(delete(CapturedMessage).where(*only_mine))
         await self.session.execute(delete(MessageCandidate).where(
             MessageCandidate.candidate_id == candidate_id))
-        await self.delete_empty_threads()
+        await self.settle_threads(threads)
         return int(getattr(result, "rowcount", 0) or 0)
+
+    async def purge_captured_before(self, cutoff: datetime, limit: int) -> tuple[int, int]:
+        """Delete up to `limit` confirmed messages captured before `cutoff`, and the
+        threads they leave empty: (messages, threads).
+
+        Their candidate links and sources go with them (foreign keys cascade).
+        Pending copies stay whatever their age: a relay session still holds them.
+        """
+        rows = list(await self.session.execute(
+            select(CapturedMessage.id, CapturedMessage.thread_id)
+            .where(CapturedMessage.state == "confirmed", CapturedMessage.created_at < cutoff)
+            .order_by(CapturedMessage.id).limit(limit)))
+        if not rows:
+            return 0, 0
+        await self.session.execute(delete(CapturedMessage).where(
+            CapturedMessage.id.in_([pk for pk, _ in rows])))
+        return len(rows), await self.settle_threads(sorted({tid for _, tid in rows}))
 
     async def summaries(self, candidate_id: str | None = None) -> list[ThreadSummary]:
         confirmed = CapturedMessage.state == "confirmed"
@@ -306,3 +343,24 @@ class ThreadRepository:
         for pk, source in rows:
             found[pk].append(source)
         return found
+
+
+class OutboxRepository:
+    """What the outbox keeps of mail from the ATS."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def purge_created_before(self, cutoff: datetime, limit: int) -> int:
+        """Delete up to `limit` sent or failed messages created before `cutoff`; how many.
+
+        Queued and sending ones stay whatever their age: they are not done.
+        """
+        ids = list(await self.session.scalars(
+            select(OutboxMessage.id)
+            .where(OutboxMessage.status.in_(("sent", "failed")),
+                   OutboxMessage.created_at < cutoff)
+            .order_by(OutboxMessage.id).limit(limit)))
+        if ids:
+            await self.session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+        return len(ids)

@@ -8,14 +8,16 @@ that says which address went and why.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from atsmail.rules import Context, MessageFacts
 from atsmail.rules.addresses import AddressError, in_domains, normalize_address, normalize_domain
@@ -32,12 +34,14 @@ from atsmail.storage.models import (
     Mailbox,
     MessageCandidate,
     TeamMember,
+    utcnow,
 )
 from atsmail.storage.repositories import (
     CandidateRepository,
     CandidateView,
     DomainRepository,
     JobRepository,
+    OutboxRepository,
     TeamRepository,
     ThreadRepository,
     ThreadSummary,
@@ -47,6 +51,12 @@ from atsmail.storage.visibility import LEVELS, Viewer, load_viewer, message_acce
 
 MAX_ADDRESS_LENGTH = 320
 MAX_ID_LENGTH = 100
+# A purge deletes this many messages per transaction, so that the relay's
+# captures are never held up for longer than one batch takes.
+PURGE_BATCH = 2000
+# Between batches: SQLite's lock is not fair, and a writer waiting in its busy
+# handler sleeps up to 100 ms, so an immediate next batch would starve it.
+PURGE_PAUSE = 0.1
 
 
 class UserError(Exception):
@@ -66,6 +76,23 @@ class AddressRemoval:
     candidate_id: str
     address: str
     notice: str
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """What one purge removed: everything captured (or composed) before `cutoff`."""
+
+    cutoff: datetime
+    messages: int
+    threads: int
+    outbox: int
+    # False: readers kept SQLite's write-ahead log busy, so purged text may
+    # linger there until the next checkpoint.
+    scrubbed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"messages": self.messages, "threads": self.threads, "outbox": self.outbox,
+                "cutoff": self.cutoff.isoformat(), "scrubbed": self.scrubbed}
 
 
 @dataclass(frozen=True)
@@ -339,6 +366,45 @@ class Store:
             erased = await ThreadRepository(session).erase_candidate_messages(candidate_id)
             await candidates.delete(candidate_id)
         return erased, await self.db.checkpoint()
+
+    async def purge(self, retention_days: int, now: datetime | None = None) -> PurgeResult:
+        """Forget mail kept longer than `retention_days`, then scrub the files.
+
+        Age is counted from capture (`created_at`), not from the Date header:
+        the capture time is our own clock, so a forged old Date cannot get a
+        message purged the moment it arrives, nor a future one keep it for
+        ever, and the copy is held for the same span whatever the sender
+        wrote. (Old mail a mirror first finds today is kept `retention_days`
+        from today.) Outbox messages count from when they were composed;
+        only sent and failed ones go.
+
+        Deletes in batches of `PURGE_BATCH`, each its own transaction, so a
+        large backlog never holds the write lock for long.
+        """
+        if retention_days <= 0:
+            raise UserError("retention must be at least one day")
+        cutoff = (now or utcnow()) - timedelta(days=retention_days)
+
+        async def outbox_batch(session: AsyncSession) -> tuple[int, int]:
+            return await OutboxRepository(session).purge_created_before(cutoff, PURGE_BATCH), 0
+
+        messages, threads = await self._in_batches(
+            lambda session: ThreadRepository(session).purge_captured_before(cutoff, PURGE_BATCH))
+        outbox, _ = await self._in_batches(outbox_batch)
+        return PurgeResult(cutoff, messages, threads, outbox, await self.db.checkpoint())
+
+    async def _in_batches(self, batch: Callable[[AsyncSession], Awaitable[tuple[int, int]]],
+                          ) -> tuple[int, int]:
+        """Run `batch` (deleting up to `PURGE_BATCH` rows: (rows, anything else
+        removed)) in a transaction of its own until a batch comes back short."""
+        rows = other = 0
+        while True:
+            async with self.db.write() as session:
+                done, also = await batch(session)
+            rows, other = rows + done, other + also
+            if done < PURGE_BATCH:
+                return rows, other
+            await asyncio.sleep(PURGE_PAUSE)
 
     async def intake_candidate(self, address: str, name: str, inbox: str,
                                forwarded_by: str) -> str:
