@@ -33,6 +33,7 @@ from atsmail.config import (
     SecretsConfig,
     StorageConfig,
     Upstream,
+    WebhookConfig,
 )
 from atsmail.gateway.server import Gateway
 from atsmail.secrets import create_key_file
@@ -239,6 +240,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     secrets: SecretsConfig = relay.pop("secrets", SecretsConfig())
     dkim: DkimConfig = relay.pop("dkim", DkimConfig())
     oauth: OAuthConfig = relay.pop("oauth", OAuthConfig())
+    webhooks: tuple[WebhookConfig, ...] = relay.pop("webhooks", ())
     return Config(
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
@@ -248,6 +250,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         mirror=mirror,
         dkim=dkim,
         oauth=oauth,
+        webhooks=webhooks,
     )
 
 

@@ -1,4 +1,4 @@
-"""The running gateway: the store, the capture writer, the relay, mirror and sender."""
+"""The running gateway: the store, the capture writer, the relay, mirror, sender and webhooks."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from atsmail.gateway.credentials import Credentials
 from atsmail.gateway.mirror import Mirror
 from atsmail.gateway.relay import Relay
 from atsmail.gateway.sender import Sender
+from atsmail.gateway.webhooks import Webhooks, endpoints
 from atsmail.storage import CaptureWriter, Store
 from atsmail.storage.mailboxes import Mailboxes
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
+        # First: a missing webhook secret stops the start before anything is opened.
+        hooks = endpoints(config)
         self.store = Store.open(config.storage.url)
         self.writer = CaptureWriter(self.store.db)
         self.relay = Relay(config, self.store, self.writer)
@@ -29,6 +32,7 @@ class Gateway:
         self.mirror = (Mirror(config, self.store, self.writer, credentials)
                        if config.mirror.enabled else None)
         self.sender = Sender(config, self.store, self.writer, credentials)
+        self.webhooks = Webhooks(hooks, self.store.db)
 
     async def start(self) -> None:
         await self.store.ensure_current()
@@ -37,6 +41,7 @@ class Gateway:
         if self.mirror is not None:
             await self.mirror.start()
         await self.sender.start()
+        await self.webhooks.start()
         log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
                  self.relay.port, self.config.relay.upstream)
 
@@ -45,6 +50,8 @@ class Gateway:
         if self.mirror is not None:
             await self.mirror.stop()
         await self.relay.stop(grace)
+        # After the relay: events of the sessions it let finish may still go out.
+        await self.webhooks.stop()
         await self.writer.stop()
         await self.store.close()
         log.info("stopped")
