@@ -14,6 +14,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,11 @@ class Receiver:
     """The ATS's webhook endpoint: records requests, answers `status`."""
 
     status: int = 200
+    # Seconds to sit on a request before answering it.
+    delay: float = 0.0
     requests: list[Request] = field(default_factory=list)
+    # Requests read in full, answered or not yet.
+    read: int = 0
     port: int = 0
     server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -96,6 +101,9 @@ class Receiver:
                     name, _, value = header.decode("latin-1").partition(":")
                     headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
+                self.read += 1
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 status = self.status
                 self.requests.append(Request(headers, body, status))
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
@@ -384,6 +392,40 @@ async def test_two_gateways_on_one_store_deliver_each_event_once_to_each_url(
         assert sorted(e["data"]["address"] for e in r.delivered) == sorted(
             f"x{i}@corp{i}.test" for i in range(12))
         assert len(r.requests) == 12
+
+
+@pytest.mark.usefixtures("fast")
+async def test_an_event_in_flight_at_shutdown_is_sent_again_by_the_next_start(
+        team: Store, receiver: Receiver) -> None:
+    receiver.delay = 30  # the answer would come long after the stop
+    await team.add_candidate("C-5", "Sam Switcher", ["sam@home.test", "sam@work.test"])
+    await team.add_team_member("sam@home.test", "Sam")
+
+    async def arrived() -> bool:
+        return receiver.read == 1
+
+    async with delivering(team, receiver):
+        await eventually(arrived)
+    # Given back, not left held for the lease's length nor counted as tried.
+    assert [a for _, _, a, _ in await WebhookQueue(team.db).pending()] == [0]
+    receiver.delay = 0
+    async with delivering(team, receiver):
+        await eventually(received(receiver, 1))
+    assert receiver.requests[-1].headers["x-atsmail-attempt"] == "1"
+    await eventually(lambda: emptied(team))
+
+
+async def test_deliveries_to_a_removed_url_and_those_failing_too_long_are_dropped(
+        team: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = WebhookQueue(team.db)
+    await team.add_candidate("C-5", "Sam Switcher", ["sam@home.test", "sam@work.test"])
+    await team.add_team_member("sam@home.test", "Sam")
+    assert await queue.fan_out(["https://a.test/h", "https://b.test/h"]) == 1
+    assert await queue.prune(["https://a.test/h"]) == (1, 0)
+    assert [u for u, _, _, _ in await queue.pending()] == ["https://a.test/h"]
+    monkeypatch.setattr("atsmail.storage.events.GIVE_UP_AFTER", timedelta(0))
+    assert await queue.prune(["https://a.test/h"]) == (0, 1)
+    assert await emptied(team)
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
