@@ -164,7 +164,7 @@ def serve(ctx: click.Context, verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         asyncio.run(run_gateway(config))
-    except UserError as exc:
+    except (UserError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except SQLAlchemyError as exc:
         raise click.ClickException(_store_problem(config, exc)) from None

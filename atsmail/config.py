@@ -93,7 +93,11 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    """A URL that receives the gateway's events, signed with a shared secret."""
+    """A URL that receives the gateway's events, signed with a shared secret.
+
+    The secret itself is read from the variable `secret_env` names when the
+    gateway starts, never written into the configuration file.
+    """
 
     url: str
     secret_env: str = ""
@@ -320,15 +324,22 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
 def _webhooks(reader: _Reader, tables: Any) -> tuple[WebhookConfig, ...]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise reader.fail("webhook", "must be an array of tables ([[webhook]])")
-    hooks = []
+    hooks: list[WebhookConfig] = []
     for i, table in enumerate(tables):
         name = f"webhook[{i}]"
         reader.known(table, f"{name}.", {"url", "secret_env"})
         if "url" not in table:
             raise reader.fail(f"{name}.url", "missing: where to deliver the events")
-        hooks.append(WebhookConfig(
+        hook = WebhookConfig(
             url=reader.get(table, f"{name}.url", str, _webhook_url, ""),
-            secret_env=reader.get(table, f"{name}.secret_env", str, str.strip, "")))
+            secret_env=reader.get(table, f"{name}.secret_env", str, str.strip, ""))
+        # Unsigned events would let anyone who finds the URL forge them.
+        if not hook.secret_env:
+            raise reader.fail(f"{name}.secret_env",
+                              "missing: the variable that holds the signing secret")
+        if hook.url in (h.url for h in hooks):
+            raise reader.fail(f"{name}.url", f"{hook.url} is listed twice")
+        hooks.append(hook)
     return tuple(hooks)
 
 

@@ -34,6 +34,7 @@ from atsmail.config import (
     SecretsConfig,
     StorageConfig,
     Upstream,
+    WebhookConfig,
 )
 from atsmail.gateway.server import Gateway
 from atsmail.secrets import create_key_file
@@ -242,6 +243,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
     dkim: DkimConfig = relay.pop("dkim", DkimConfig())
     api: ApiConfig = relay.pop("api", ApiConfig(enabled=False))
     oauth: OAuthConfig = relay.pop("oauth", OAuthConfig())
+    webhooks: tuple[WebhookConfig, ...] = relay.pop("webhooks", ())
     return Config(
         storage=StorageConfig(store_url),
         relay=replace(RelayConfig(), listen_host="127.0.0.1", listen_port=0,
@@ -253,6 +255,7 @@ def relay_config(store_url: str, upstream: Upstream, **relay: Any) -> Config:
         dkim=dkim,
         oauth=oauth,
         api=api,
+        webhooks=webhooks,
     )
 
 

@@ -354,6 +354,17 @@ def test_a_second_serve_on_a_taken_port_fails_clearly(
     assert served[0].poll() is None
 
 
+def test_serve_refuses_a_webhook_whose_secret_is_not_set(
+        cli: Cli, config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATSMAIL_TEST_UNSET_SECRET", raising=False)
+    config_file.write_text(config_file.read_text() + "\n[[webhook]]\n"
+                           "url = 'https://ats.test/hooks'\n"
+                           "secret_env = 'ATSMAIL_TEST_UNSET_SECRET'\n")
+    result = cli("serve", code=1)
+    assert "webhook[0].secret_env" in result.stderr
+    assert "ATSMAIL_TEST_UNSET_SECRET" in result.stderr and "not set" in result.stderr
+
+
 def test_config_example_is_complete_and_valid(tmp_path: Path) -> None:
     from atsmail.config import load_config
     example = Path(__file__).parent.parent / "config.example.toml"

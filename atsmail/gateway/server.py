@@ -1,5 +1,5 @@
-"""The running gateway: the store, the capture writer, the relay, mirror and sender,
-and the daily purge of mail past its retention."""
+"""The running gateway: the store, the capture writer, the relay, mirror, sender,
+webhooks and HTTP API, and the daily purge of mail past its retention."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from atsmail.gateway.http import HttpServer
 from atsmail.gateway.mirror import Mirror
 from atsmail.gateway.relay import Relay
 from atsmail.gateway.sender import Sender
+from atsmail.gateway.webhooks import Webhooks, endpoints
 from atsmail.storage import CaptureWriter, Store
 from atsmail.storage.mailboxes import Mailboxes
 from atsmail.storage.retention import apply_retention
@@ -29,6 +30,8 @@ RETENTION_INTERVAL = 24 * 3600.0
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
+        # First: a missing webhook secret stops the start before anything is opened.
+        hooks = endpoints(config)
         self.store = Store.open(config.storage.url)
         self.writer = CaptureWriter(self.store.db)
         self.relay = Relay(config, self.store, self.writer)
@@ -40,6 +43,7 @@ class Gateway:
         self.sender = Sender(config, self.store, self.writer, credentials)
         self.http = HttpServer(config, self.store) if config.api.enabled else None
         self._retention: asyncio.Task[None] | None = None
+        self.webhooks = Webhooks(hooks, self.store.db)
 
     async def start(self) -> None:
         await self.store.ensure_current()
@@ -53,6 +57,7 @@ class Gateway:
         if self.config.capture.retention_days > 0:
             self._retention = asyncio.create_task(
                 self._apply_retention(self.config.capture.retention_days), name="retention")
+        await self.webhooks.start()
         log.info("relay listening on %s:%d, relaying to %s", self.config.relay.listen_host,
                  self.relay.port, self.config.relay.upstream)
 
@@ -69,6 +74,8 @@ class Gateway:
         if self.mirror is not None:
             await self.mirror.stop()
         await self.relay.stop(grace)
+        # After the relay: events of the sessions it let finish may still go out.
+        await self.webhooks.stop()
         await self.writer.stop()
         await self.store.close()
         log.info("stopped")

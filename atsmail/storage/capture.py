@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Connection
 
 from atsmail.rules import Decision, MessageFacts
 from atsmail.storage.db import Database
+from atsmail.storage.events import MESSAGE_CAPTURED, event_row, record_events
 from atsmail.storage.models import (
     CapturedMessage,
     MessageCandidate,
@@ -157,9 +159,16 @@ _LINK = insert(MessageCandidate)
 _SOURCES_OF = (select(MessageSource.message_pk, MessageSource.source, MessageSource.mailbox)
                .where(MessageSource.message_pk.in_(bindparam("pks", expanding=True))))
 _ADD_SOURCES = insert(MessageSource)
+# Only a pending copy turns confirmed: a message seen again (already
+# confirmed) changes nothing and reports nothing a second time.
 _CONFIRM = (update(CapturedMessage)
-            .where(CapturedMessage.id.in_(bindparam("pks", expanding=True)))
-            .values(state="confirmed"))
+            .where(CapturedMessage.id.in_(bindparam("pks", expanding=True)),
+                   CapturedMessage.state == "pending")
+            .values(state="confirmed")
+            .returning(CapturedMessage.id, CapturedMessage.message_id, CapturedMessage.thread_id,
+                       CapturedMessage.direction, CapturedMessage.subject, CapturedMessage.date))
+_KINDS_OF_SOURCES = (select(MessageSource.message_pk, MessageSource.source).distinct()
+                     .where(MessageSource.message_pk.in_(bindparam("pks", expanding=True))))
 _THREAD_OF = select(CapturedMessage.thread_id).where(CapturedMessage.id == bindparam("pk"))
 _RELEASE = (update(CapturedMessage)
             .where(CapturedMessage.id == bindparam("pk"), CapturedMessage.state == "pending")
@@ -187,7 +196,7 @@ def apply(conn: Connection, operations: list[_Operation]) -> list[Prepared | Non
         _prepare(conn, prepares, results)
     confirms = [op.pk for op in operations if op.kind == "confirm"]
     if confirms:
-        conn.execute(_CONFIRM, {"pks": confirms})
+        _confirm(conn, confirms)
     return results
 
 
@@ -203,8 +212,29 @@ def keep(conn: Connection, captures: list[Capture]) -> list[Prepared]:
         return []
     results = apply(conn, [_Operation("prepare", capture=c) for c in captures])
     kept = [r for r in results if r is not None]
-    conn.execute(_CONFIRM, {"pks": sorted({r.pk for r in kept})})
+    _confirm(conn, sorted({r.pk for r in kept}))
     return kept
+
+
+def _confirm(conn: Connection, pks: list[int]) -> None:
+    """Confirm pending copies, and record `message.captured` for each in the same commit."""
+    confirmed = conn.execute(_CONFIRM, {"pks": pks}).all()
+    if not confirmed:
+        return
+    ids = [row.id for row in confirmed]
+    candidates: dict[int, list[str]] = defaultdict(list)
+    for pk, candidate in conn.execute(_LINKS_OF, {"pks": ids}):
+        candidates[pk].append(candidate)
+    sources: dict[int, list[str]] = defaultdict(list)
+    for pk, source in conn.execute(_KINDS_OF_SOURCES, {"pks": ids}):
+        sources[pk].append(source)
+    record_events(conn, [event_row(MESSAGE_CAPTURED, {
+        "message": {"id": row.id, "message_id": row.message_id, "thread_id": row.thread_id,
+                    "direction": row.direction, "sources": sorted(sources[row.id]),
+                    "subject": row.subject,
+                    "date": row.date.isoformat() if row.date else None},
+        "candidates": sorted(candidates[row.id]),
+    }, message_pk=row.id) for row in sorted(confirmed, key=lambda r: r.id)])
 
 
 def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],

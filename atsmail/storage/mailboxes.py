@@ -13,9 +13,11 @@ from typing import Any
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from atsmail.storage.capture import Capture, keep
 from atsmail.storage.db import Database
+from atsmail.storage.events import MAILBOX_ERROR, MAILBOX_RECOVERED, record_event
 from atsmail.storage.models import (
     FOLDER_ROLES,
     SHARING_LEVELS,
@@ -273,19 +275,45 @@ class Mailboxes:
 
     async def set_state(self, address: str, state: str) -> None:
         """Record what the mirror is doing; the last error stays until a sync succeeds."""
-        await self._update(address, state=state)
+        async with self.db.write() as session:
+            await _update(session, address, state=state)
 
     async def set_error(self, address: str, error: str) -> None:
-        await self._update(address, state="error", last_error=error)
+        """Record a failure; the first after a good sync is a `mailbox.error` event.
+
+        In trouble means "has a last error", not the state: a watcher in
+        error passes through connecting and syncing on each retry, and that
+        must not report a new failure each time.
+        """
+        async with self.db.write() as session:
+            found, last_error = await _last_error(session, address)
+            await _update(session, address, state="error", last_error=error)
+            if found and last_error is None:
+                await record_event(session, MAILBOX_ERROR, {"mailbox": address, "error": error})
 
     async def set_synced(self, address: str) -> None:
-        await self._update(address, state="idle", last_error=None, last_sync=utcnow())
-
-    async def _update(self, address: str, **values: Any) -> None:
+        """Record a good sync; the first after a failure is a `mailbox.recovered` event."""
         async with self.db.write() as session:
-            await session.execute(update(Mailbox).where(
-                Mailbox.address == address, Mailbox.state != "disconnected").values(**values))
+            found, last_error = await _last_error(session, address)
+            await _update(session, address, state="idle", last_error=None, last_sync=utcnow())
+            if found and last_error is not None:
+                await record_event(session, MAILBOX_RECOVERED, {
+                    "mailbox": address, "last_error": last_error})
 
+
+async def _update(session: AsyncSession, address: str, **values: Any) -> None:
+    await session.execute(update(Mailbox).where(
+        Mailbox.address == address, Mailbox.state != "disconnected").values(**values))
+
+
+async def _last_error(session: AsyncSession, address: str) -> tuple[bool, str | None]:
+    """Whether the mailbox is connected, and its last error; its row locked so
+    that two reports of one change (two gateways on one store) make one event."""
+    row = (await session.execute(
+        select(Mailbox.last_error)
+        .where(Mailbox.address == address, Mailbox.state != "disconnected")
+        .with_for_update())).first()
+    return (False, None) if row is None else (True, row[0])
 
 def _state(folder: MailboxFolder) -> FolderState:
     return FolderState(folder.name, folder.special_use, folder.role, folder.uidvalidity,

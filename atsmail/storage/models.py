@@ -272,8 +272,6 @@ class MessageSource(Base):
     mailbox: Mapped[str] = mapped_column(String(320), primary_key=True, default="")
 
 
-
-
 class OutboxMessage(Base):
     """Mail composed in the ATS, kept until it is sent, filed and captured.
 
@@ -330,3 +328,44 @@ class AuditEntry(Base):
     action: Mapped[str] = mapped_column(String(50))
     target: Mapped[str] = mapped_column(String(1000), default="")
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class WebhookEvent(Base):
+    """Something the ATS is told about, recorded with the change it reports.
+
+    `fanned_out` turns true once the webhook worker has queued a delivery
+    for each configured URL; the event goes when its last delivery does.
+    An event about a message or a candidate goes with it too: erasing a
+    candidate leaves no subject of theirs waiting in the queue.
+    """
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_fanned_out_id", "fanned_out", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # The id receivers see (and deduplicate by): a UUID, never reused.
+    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    type: Mapped[str] = mapped_column(String(50))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    fanned_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    message_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    candidate_id: Mapped[str | None] = mapped_column(
+        ForeignKey("candidates.id", ondelete="CASCADE"), index=True)
+
+
+class WebhookDelivery(Base):
+    """One event still to be delivered to one URL; deleted once it is."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_url_event_pk", "url", "event_pk"),)
+
+    event_pk: Mapped[int] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A gateway delivering it holds it until then; a crashed one's hold lapses.
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)

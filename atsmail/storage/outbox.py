@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from atsmail.backoff import backoff
 from atsmail.rules import read_message
 from atsmail.storage.db import Database
 from atsmail.storage.models import (
@@ -77,7 +78,7 @@ def outbox_json(item: OutboxMessage) -> dict[str, Any]:
 
 
 def retry_delay(attempts: int) -> float:
-    return float(min(LAST_RETRY, FIRST_RETRY * 2.0 ** max(0, attempts - 1)))
+    return backoff(attempts, FIRST_RETRY, LAST_RETRY)
 
 
 class Outbox:

@@ -3,7 +3,7 @@
 Admin changes keep the central promise that no internal address is ever on
 a candidate: adding a team member or an internal domain removes matching
 addresses from candidate profiles in the same transaction, leaving a notice
-that says which address went and why.
+that says which address went and why, and an event that tells the ATS.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from atsmail.rules import Context, MessageFacts
 from atsmail.rules.addresses import AddressError, in_domains, normalize_address, normalize_domain
 from atsmail.storage import lookup
 from atsmail.storage.db import Database
+from atsmail.storage.events import ADDRESS_REMOVED, record_event
 from atsmail.storage.lookup import Directory, load_directory
 from atsmail.storage.migrate import is_current, migrate
 from atsmail.storage.models import (
@@ -564,6 +565,9 @@ async def _remove_candidate_addresses(
                 "never kept on a candidate, so that an employee's private mail is not synced")
         await candidates.remove_email(candidate_id, address)
         await candidates.add_notice(candidate_id, text)
+        await record_event(candidates.session, ADDRESS_REMOVED, {
+            "candidate": candidate_id, "address": address, "reason": reason, "notice": text},
+            candidate_id=candidate_id)
         removals.append(AddressRemoval(candidate_id, address, text))
     return removals
 
