@@ -18,15 +18,17 @@ from typing import Annotated, Any, Literal, TypeVar
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic.config import JsonDict
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atsmail.config import Config
 from atsmail.gateway import content
 from atsmail.gateway.sender import queue_message
-from atsmail.storage import NotFound, Refused, Store, UserError
+from atsmail.storage import BadInput, NotFound, Refused, Store, UserError
 from atsmail.storage.access import Access, audit_json
 from atsmail.storage.mailboxes import Mailboxes, mailbox_json
 from atsmail.storage.outbox import Outbox, outbox_json
@@ -48,6 +50,25 @@ class _In(BaseModel):
     # Wrong types and unknown fields are refused, never guessed at.
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        """No NUL characters or lone surrogates: no database can store them as text."""
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _storable_text(text):
+                raise ValueError("contains a NUL character or an unpaired surrogate")
+        return value
+
+
+def _storable_text(text: str) -> bool:
+    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
+
+
+# How the OpenAPI document describes ids and addresses, so generated clients
+# (and API fuzzers) know what the store takes.
+ID_PATTERN = r"^[^\s\x00-\x1f\x7f\x85]{1,100}$"
+EMAIL: JsonDict = {"format": "email"}
+
 
 class UserIn(_In):
     name: str = Field("", max_length=200)
@@ -61,22 +82,31 @@ class JobIn(_In):
 
 class CandidateIn(_In):
     name: str = Field(min_length=1, max_length=300)
-    emails: list[Annotated[str, Field(min_length=3, max_length=320)]] = Field(
-        min_length=1, max_length=100)
-    jobs: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+    emails: list[Annotated[str, Field(min_length=3, max_length=320, json_schema_extra=EMAIL)]
+                 ] = Field(min_length=1, max_length=100)
+    jobs: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
         default_factory=list, max_length=100)
 
 
 class MessageIn(_In):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
-    to: list[Annotated[str, Field(min_length=3, max_length=320)]] = Field(
-        min_length=1, max_length=100)
+    to: list[Annotated[str, Field(min_length=3, max_length=320, json_schema_extra=EMAIL)]
+             ] = Field(min_length=1, max_length=100)
     subject: str = Field(max_length=998)
     body: str = Field(max_length=5_000_000)
-    candidate: str | None = Field(None, max_length=100)
+    candidate: str | None = Field(None, pattern=ID_PATTERN)
     thread: int | None = Field(None, ge=1, le=2**62)
-    from_: str | None = Field(None, alias="from", max_length=320)
+    from_: str | None = Field(None, alias="from", min_length=3, max_length=320,
+                              json_schema_extra=EMAIL)
+
+    @field_validator("thread", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # JSON has one number type: 7.0 is the integer 7 to a JSON Schema.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class ErrorOut(BaseModel):
@@ -262,9 +292,23 @@ def _page(request: Request, adapter: TypeAdapter[Any], items: Sequence[Any], lim
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")]
 Offset = Annotated[int, Query(ge=0, le=2**31, description="Items to skip.")]
-CandidateId = Annotated[str, Path(min_length=1, max_length=100)]
-Email = Annotated[str, Path(min_length=3, max_length=320)]
+CandidateId = Annotated[str, Path(pattern=ID_PATTERN)]
+Email = Annotated[str, Path(min_length=3, max_length=320, json_schema_extra=EMAIL)]
 Id = Annotated[int, Path(ge=1, le=2**62)]
+
+
+def _timestamp(name: str, value: str | None) -> datetime | None:
+    """An RFC 3339 date-time with its offset; a bare date or number is refused."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or "T" not in value.upper():
+        raise HTTPException(422, f"invalid request: {name}: expected an RFC 3339 date-time "
+                                 "with its offset, such as 2026-11-28T09:00:00Z")
+    return parsed
 
 
 def _sliced(items: Sequence[T], limit: int, offset: int) -> tuple[list[T], bool]:
@@ -301,7 +345,11 @@ def create_app(config: Config, store: Store) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Each method of a path is its own route: name them all.
+            headers["Allow"] = ", ".join(sorted(_methods_at(app, request.scope)))
+        return _error(exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -312,7 +360,10 @@ def create_app(config: Config, store: Store) -> FastAPI:
 
     @app.exception_handler(UserError)
     async def refused(request: Request, exc: UserError) -> Response:
-        status = 404 if isinstance(exc, NotFound) else 403 if isinstance(exc, Refused) else 400
+        # Malformed values are 400; a well-formed request the current state
+        # refuses (an unknown job named, no mailbox to send from) is 409.
+        status = (400 if isinstance(exc, BadInput) else 404 if isinstance(exc, NotFound)
+                  else 403 if isinstance(exc, Refused) else 409)
         return _error(status, str(exc))
 
     @app.exception_handler(Exception)
@@ -393,10 +444,12 @@ def create_app(config: Config, store: Store) -> FastAPI:
             request: Request, viewer: Caller, limit: Limit = 100, offset: Offset = 0,
             q: Annotated[str, Query(max_length=200, description="Part of an id, name or "
                                                                 "address.")] = "",
-            updated_since: Annotated[datetime | None, Query(
-                description="Only candidates changed after this time.")] = None,
+            updated_since: Annotated[str | None, Query(
+                max_length=64, json_schema_extra={"format": "date-time"},
+                description="Only candidates changed after this time (RFC 3339).")] = None,
     ) -> Response:
-        found = await store.candidates(q, updated_since, limit + 1, offset)
+        found = await store.candidates(q, _timestamp("updated_since", updated_since),
+                                       limit + 1, offset)
         return _page(request, candidates, [v.to_json() for v in found[:limit]], limit, offset,
                      len(found) > limit)
 
@@ -583,6 +636,14 @@ def create_app(config: Config, store: Store) -> FastAPI:
                      [audit_json(e) for e in found[:limit]], limit, offset, len(found) > limit)
 
     return app
+
+
+def _methods_at(app: FastAPI, scope: Scope) -> set[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(scope["path"]):
+            methods |= route.methods or set()
+    return methods
 
 
 def _safe_name(name: str) -> str:

@@ -140,8 +140,14 @@ class Sender:
         note = None
         if box is not None and box.provider != "gmail":  # Gmail files sent mail itself
             note = await self._file_in_sent(box, item)
+        # Captured before it is marked sent, so a sent message is always on
+        # the candidate; a capture that fails is noted, never sent again.
+        try:
+            await self._capture(item)
+        except Exception as exc:
+            log.exception("outbox %d: sent, but not captured", item.id)
+            note = f"sent, but not captured: {exc}"
         await self.outbox.sent(item.id, note)
-        await self._capture(item)
         log.info("outbox %d (%s) sent from %s", item.id, item.message_id, item.from_address)
 
     async def _submit(self, box: Mailbox, item: OutboxMessage) -> None:

@@ -64,6 +64,10 @@ class UserError(Exception):
     """A request the store refuses; the text is meant for the user."""
 
 
+class BadInput(UserError):
+    """A value that is malformed in itself: not an address, a domain or an id."""
+
+
 class NotFound(UserError):
     """The thing asked for does not exist (or is not the asker's to see)."""
 
@@ -112,9 +116,9 @@ def checked_address(address: str) -> str:
     try:
         normalized = normalize_address(address)
     except AddressError as exc:
-        raise UserError(str(exc)) from None
+        raise BadInput(str(exc)) from None
     if len(normalized) > MAX_ADDRESS_LENGTH:
-        raise UserError(f"address longer than {MAX_ADDRESS_LENGTH} characters: {address[:40]}…")
+        raise BadInput(f"address longer than {MAX_ADDRESS_LENGTH} characters: {address[:40]}…")
     return normalized
 
 
@@ -122,16 +126,18 @@ def checked_domain(domain: str) -> str:
     try:
         normalized = normalize_domain(domain.removeprefix("@"))
     except AddressError as exc:
-        raise UserError(str(exc)) from None
+        raise BadInput(str(exc)) from None
     if "@" in normalized or " " in normalized or "." not in normalized:
-        raise UserError(f"not a domain: {domain!r}")
+        raise BadInput(f"not a domain: {domain!r}")
     return normalized
 
 
 def checked_id(kind: str, value: str) -> str:
     value = value.strip()
-    if not value or len(value) > MAX_ID_LENGTH or any(c.isspace() for c in value):
-        raise UserError(f"bad {kind} id {value!r}: 1 to {MAX_ID_LENGTH} characters, no spaces")
+    if (not value or len(value) > MAX_ID_LENGTH
+            or any(c.isspace() or not c.isprintable() for c in value)):
+        raise BadInput(f"bad {kind} id {value!r}: 1 to {MAX_ID_LENGTH} printable characters, "
+                       "no spaces")
     return value
 
 

@@ -163,8 +163,10 @@ async def test_lists_come_in_pages(api: Api) -> None:
     ("/api/candidates/C-5", {"name": "X", "emails": ["x@y.test"], "extra": 1}, 422, "extra"),
     ("/api/candidates/C-5", {"name": 5, "emails": ["x@y.test"]}, 422, "name"),
     ("/api/candidates/C-5", {"name": "X", "emails": ["not an address"]}, 400, "address"),
-    ("/api/candidates/C-5", {"name": "X", "emails": ["x@y.test"], "jobs": ["J404"]}, 400,
+    ("/api/candidates/C-5", {"name": "X", "emails": ["x@y.test"], "jobs": ["J404"]}, 409,
      "unknown job J404"),
+    ("/api/candidates/C-5", {"name": "X\u0000", "emails": ["x@y.test"]}, 422, "NUL"),
+    ("/api/candidates/C%085", {"name": "X", "emails": ["x@y.test"]}, 422, "candidate_id"),
     ("/api/candidates/C-5", [1, 2], 422, "invalid request"),
     ("/api/jobs/J5", {"title": "T", "archived": "yes"}, 422, "archived"),
     ("/api/users/not-an-address", {"role": "admin"}, 400, "address"),
@@ -195,6 +197,14 @@ async def test_bodies_that_are_not_json_or_too_big_are_refused(api: Api) -> None
     assert (await api.get("/api/jobs/J5")).status_code == 404
     assert (await api.get("/api/threads/0")).status_code == 422
     assert (await api.get("/api/candidates", params={"limit": 100000})).status_code == 422
+    for stamp in ("0.5", "2026-11-28", "2026-11-28T09:00:00", "yesterday"):
+        assert (await api.get("/api/candidates", params={"updated_since": stamp})
+                ).status_code == 422, stamp
+    assert (await api.get("/api/candidates", params={"updated_since": "2026-11-28T09:00:00Z"})
+            ).status_code == 200
+    wrong_method = await api.client.patch("/api/jobs/J1", headers=api.auth(ADMIN))
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "DELETE, GET, PUT"
 
 
 def with_attachment(sender: str, to: str, subject: str) -> bytes:
@@ -309,9 +319,12 @@ async def test_mail_sent_through_the_api_goes_to_the_outbox_as_the_caller(api: A
     assert [m["id"] for m in mine] == [sent.json()["id"]]
     assert (await api.get("/api/outbox", SAM)).json() == []
     assert [m["id"] for m in (await api.get("/api/outbox", ADMIN)).json()] == [sent.json()["id"]]
+    # JSON's 7.0 is the integer 7: an unknown thread (409), not a type error.
+    assert (await api.post("/api/messages", {"to": ["ada@applicant.test"], "subject": "x",
+                                             "body": "y", "thread": 7.0}, RITA)).status_code == 409
     nowhere = await api.post("/api/messages", {"to": ["ada@applicant.test"], "subject": "x",
                                                "body": "y"}, SAM)
-    assert nowhere.status_code == 400 and "no hosted identity" in nowhere.json()["error"]
+    assert nowhere.status_code == 409 and "no hosted identity" in nowhere.json()["error"]
     assert (await api.post("/api/messages", {"to": [], "subject": "x", "body": "y"}, RITA)
             ).status_code == 422
     assert (await api.post("/api/messages", {"to": ["a@b.test"], "subject": "x", "body": "y"},
