@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_PAGE = 500
+# Row ids are 32-bit in every store, and below 2**53 a JSON number is exact.
+MAX_ID = 2**31 - 1
 ROLES_THAT_EDIT = ("admin", "recruiter")
 ROLES_THAT_AUDIT = ("admin", "compliance")
 
@@ -64,24 +66,29 @@ def _storable_text(text: str) -> bool:
     return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
 
 
-# How the OpenAPI document describes ids and addresses, so generated clients
-# (and API fuzzers) know what the store takes.
-ID_PATTERN = r"^[^\s\x00-\x1f\x7f\x85]{1,100}$"
+# How the OpenAPI document describes text, ids and addresses, so generated
+# clients (and API fuzzers) know what the store takes. What `checked_id`
+# accepts: no spaces, no control characters. (Lone surrogates, which the
+# validator above also refuses, cannot be put in a JSON Schema pattern.)
+ID_PATTERN = r"^[^\s\x00-\x1f\x7f-\x9f]{1,100}$"
+TEXT: JsonDict = {"pattern": r"^[^\x00]*$"}
+_LABEL = r"[^\s@.\x00-\x1f\x7f-\x9f]+"
+DOMAIN_PATTERN = rf"^@?({_LABEL}\.)+{_LABEL}\.?$"
 EMAIL: JsonDict = {"format": "email"}
 
 
 class UserIn(_In):
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, json_schema_extra=TEXT)
     role: Literal["admin", "recruiter", "compliance"] = "recruiter"
 
 
 class JobIn(_In):
-    title: str = Field(min_length=1, max_length=300)
+    title: str = Field(min_length=1, max_length=300, json_schema_extra=TEXT)
     archived: bool = False
 
 
 class CandidateIn(_In):
-    name: str = Field(min_length=1, max_length=300)
+    name: str = Field(min_length=1, max_length=300, json_schema_extra=TEXT)
     emails: list[Annotated[str, Field(min_length=3, max_length=320, json_schema_extra=EMAIL)]
                  ] = Field(min_length=1, max_length=100)
     jobs: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
@@ -93,10 +100,10 @@ class MessageIn(_In):
 
     to: list[Annotated[str, Field(min_length=3, max_length=320, json_schema_extra=EMAIL)]
              ] = Field(min_length=1, max_length=100)
-    subject: str = Field(max_length=998)
-    body: str = Field(max_length=5_000_000)
+    subject: str = Field(max_length=998, json_schema_extra=TEXT)
+    body: str = Field(max_length=5_000_000, json_schema_extra=TEXT)
     candidate: str | None = Field(None, pattern=ID_PATTERN)
-    thread: int | None = Field(None, ge=1, le=2**62)
+    thread: int | None = Field(None, ge=1, le=MAX_ID)
     from_: str | None = Field(None, alias="from", min_length=3, max_length=320,
                               json_schema_extra=EMAIL)
 
@@ -291,10 +298,10 @@ def _page(request: Request, adapter: TypeAdapter[Any], items: Sequence[Any], lim
 
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Items per page.")]
-Offset = Annotated[int, Query(ge=0, le=2**31, description="Items to skip.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="Items to skip.")]
 CandidateId = Annotated[str, Path(pattern=ID_PATTERN)]
 Email = Annotated[str, Path(min_length=3, max_length=320, json_schema_extra=EMAIL)]
-Id = Annotated[int, Path(ge=1, le=2**62)]
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def _timestamp(name: str, value: str | None) -> datetime | None:
@@ -323,7 +330,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
     mailboxes = Mailboxes(store.db)
     bearer = HTTPBearer(auto_error=False, description="A token from `atsmail token create`.")
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 422)}
+        code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422)}
     app = FastAPI(title="atsmail", version="1", openapi_url="/api/openapi.json",
                   docs_url="/api/docs", redoc_url=None, responses=errors)
 
@@ -592,7 +599,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
                                for d in await store.domains()], limit, offset)
         return _page(request, domains, items, limit, offset, more)
 
-    Domain = Annotated[str, Path(min_length=1, max_length=255)]
+    Domain = Annotated[str, Path(max_length=255, pattern=DOMAIN_PATTERN)]
 
     @app.put("/api/internal-domains/{domain}", response_model=DomainOut, tags=["team"],
              responses={201: {"model": DomainOut}})

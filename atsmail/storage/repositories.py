@@ -54,6 +54,10 @@ class TeamRepository:
     async def all(self) -> list[TeamMember]:
         return list(await self.session.scalars(select(TeamMember).order_by(TeamMember.email)))
 
+    async def count_role(self, role: str) -> int:
+        return await self.session.scalar(
+            select(func.count()).select_from(TeamMember).where(TeamMember.role == role)) or 0
+
 
 class DomainRepository:
     def __init__(self, session: AsyncSession) -> None:

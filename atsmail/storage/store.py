@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import unicodedata
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -132,12 +133,20 @@ def checked_domain(domain: str) -> str:
     return normalized
 
 
+async def _keep_an_admin(session: AsyncSession, member: TeamMember) -> None:
+    """Refuse to demote or remove the last admin: nobody could manage the team after."""
+    if member.role != "admin":
+        return
+    if await TeamRepository(session).count_role("admin") == 1:
+        raise UserError(f"{member.email} is the last admin: make another member admin first")
+
+
 def checked_id(kind: str, value: str) -> str:
     value = value.strip()
     if (not value or len(value) > MAX_ID_LENGTH
-            or any(c.isspace() or not c.isprintable() for c in value)):
-        raise BadInput(f"bad {kind} id {value!r}: 1 to {MAX_ID_LENGTH} printable characters, "
-                       "no spaces")
+            or any(c.isspace() or unicodedata.category(c) in ("Cc", "Cs") for c in value)):
+        raise BadInput(f"bad {kind} id {value!r}: 1 to {MAX_ID_LENGTH} characters, "
+                       "no spaces or control characters")
     return value
 
 
@@ -191,6 +200,8 @@ class Store:
         async with self.db.write() as session:
             member = await TeamRepository(session).get(email)
             if member is not None:
+                if role != "admin":
+                    await _keep_an_admin(session, member)
                 member.name, member.role = name, role
                 return False, []
         return True, await self.add_team_member(email, name, role)
@@ -214,6 +225,7 @@ class Store:
             if owned:
                 raise UserError(f"{email} still has the connected mailbox {owned}: "
                                 "disconnect it first")
+            await _keep_an_admin(session, member)
             await session.delete(member)
 
     async def team(self) -> list[TeamMember]:

@@ -110,6 +110,17 @@ async def test_roles_are_enforced_and_refusals_audited(api: Api) -> None:
     assert (ADMIN, "domain.add", "domain:corp.test") in await api.audit()
 
 
+async def test_the_last_admin_stays_an_admin(api: Api) -> None:
+    for refused in (await api.put(f"/api/users/{ADMIN}", {"role": "recruiter"}),
+                    await api.delete(f"/api/users/{ADMIN}")):
+        assert refused.status_code == 409
+        assert refused.json()["error"] == (
+            f"{ADMIN} is the last admin: make another member admin first")
+    assert (await api.put(f"/api/users/{SAM}", {"role": "admin"})).status_code == 200
+    assert (await api.put(f"/api/users/{ADMIN}", {"role": "recruiter"})).status_code == 200
+    assert (await api.get("/api/users", SAM)).status_code == 200
+
+
 async def test_an_ats_mirrors_its_team_jobs_and_candidates(api: Api) -> None:
     put = await api.put("/api/users/new.member@example.com", {"name": "New", "role": "recruiter"})
     assert put.status_code == 201
