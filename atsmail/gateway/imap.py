@@ -173,9 +173,12 @@ class ImapSession:
                 response = await asyncio.wait_for(self.client.uid(*args), self.timeout)
             elif command == "fetch":
                 protocol = self.client.protocol
+                # No timeout on the command itself: aioimaplib would re-arm
+                # its timer for every response line, a sixth of a header
+                # fetch's time; wait_for bounds the whole command instead.
                 response = await asyncio.wait_for(protocol.execute(_Fetch(
                     protocol.new_tag(), *args, prefix="UID", loop=protocol.loop,
-                    timeout=self.timeout)), self.timeout)
+                    timeout=None)), self.timeout)
             elif command == "uid_search":
                 response = await self.client.uid_search(*args, charset=None)
             else:

@@ -568,3 +568,17 @@ def test_facts_carry_no_nul(name: str) -> None:
     texts = [facts.subject, facts.message_id or "", *facts.participants,
              *facts.references, *facts.in_reply_to]
     assert not any("\x00" in t for t in texts)
+
+
+@pytest.mark.parametrize("padding", [0, 2000], ids=["kept", "too long to keep"])
+def test_an_address_header_read_again_gives_the_same_addresses_and_defects(padding: int) -> None:
+    # Address headers are parsed once and remembered while short: a value
+    # seen again must still say what was wrong with it.
+    to = ("=?utf-8?b?not base64?=@example.com, Ann <ANN@Example.com>, "
+          + ", ".join(f"a{n}@example.org" for n in range(padding // 16)))
+    raw = mail("From: a@example.com", f"To: {to}", "Subject: x")
+    first, again = read_message(raw), read_message(raw)
+    assert first.to == again.to
+    assert "ann@example.com" in again.to
+    assert first.defects == again.defects
+    assert any("undecodable" in d for d in again.defects)
