@@ -134,7 +134,15 @@ class Dovecot:
             # only ever checked at the token service.
             static_mechanisms="  mechanisms = plain login\n" if oauth2 else "",
             oauth2_passdb=OAUTH2_PASSDB.format(root=self.root) if oauth2 else ""))
-        with (self.root / "stdout.log").open("wb") as out:
+        self._spawn()
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same ports and mail."""
+        self.stop()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        with (self.root / "stdout.log").open("ab") as out:
             # Its master keeps stdio open: never a pipe.
             self.process = subprocess.Popen(
                 ["dovecot", "-F", "-c", str(self.root / "dovecot.conf")],
