@@ -1,0 +1,117 @@
+"""The relay when its SQLite store is locked or its disk is full.
+
+Either way the client is told to try again later (4xx), nothing reaches the
+upstream, and once the fault ends the retry is delivered and captured once.
+The store here lives on a small file system of its own, so it can be filled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sqlite3
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from atsmail.storage import Store, db
+from tests.conftest import GatewayFactory, Sink, make_mail, require_peer, smtp_send
+
+RECRUITER = "recruiter@example.com"
+ADA = "ada@applicant.test"
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB file system of its own (needs the right to mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                             capture_output=True).returncode == 0
+    require_peer(mounted, "cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.fixture
+async def store_url(disk: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    # A lock is waited out this long before the message is deferred.
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 1000)
+    url = f"sqlite+aiosqlite:///{disk}/atsmail.db"
+    store = Store.open(url)
+    await store.migrate()
+    await store.close()
+    yield url
+
+
+def fill_up(disk: Path) -> Path:
+    """Take every free byte of `disk`; delete the file returned to free them."""
+    filler = disk / "filler"
+    chunk = b"\0" * 65536
+    with filler.open("wb", buffering=0) as out:
+        for size in (len(chunk), 4096, 1):
+            try:
+                while True:
+                    out.write(chunk[:size])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def delivered(sink: Sink) -> list[bytes]:
+    return [m.content.replace(b"\r\n", b"\n") for m in sink.messages]
+
+
+def candidate_mail(subject: str) -> bytes:
+    # Bigger than anything the store's write-ahead log already holds room for.
+    return make_mail(RECRUITER, ADA, subject, "CV attached.\n" + ("x" * 76 + "\n") * 20_000)
+
+
+async def test_a_full_disk_defers_mail_and_the_retry_is_kept_once_space_is_back(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, disk: Path) -> None:
+    gateway = await gateway_factory()
+    raw = candidate_mail("While the disk was full")
+    filler = await asyncio.to_thread(fill_up, disk)
+
+    result = await smtp_send(gateway.relay.port, raw, RECRUITER, [ADA])
+    assert result.code == 451 and "store unavailable" in result.text
+    assert sink.messages == []
+    # Company mail is not stored, so it still flows.
+    other = make_mail("a@example.com", "b@example.com")
+    assert (await smtp_send(gateway.relay.port, other, "a@example.com",
+                            ["b@example.com"])).code == 250
+
+    os.unlink(filler)
+    assert (await smtp_send(gateway.relay.port, raw, RECRUITER, [ADA])).code == 250
+    assert delivered(sink) == [other, raw]
+    threads = await team.threads("C-1")
+    assert [(t.subject, t.message_count) for t in threads] == [("While the disk was full", 1)]
+
+
+async def test_a_store_locked_longer_than_the_wait_defers_mail_then_it_flows(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, store_url: str) -> None:
+    gateway = await gateway_factory()
+    raw = make_mail(RECRUITER, ADA, "While the store was locked")
+    locker = sqlite3.connect(store_url.partition(":///")[2], isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        result = await smtp_send(gateway.relay.port, raw, RECRUITER, [ADA])
+        assert result.code == 451 and "store unavailable" in result.text
+        assert sink.messages == []
+
+        # A lock released within the wait only delays the answer.
+        later = make_mail(RECRUITER, ADA, "Waited for the lock")
+        sending = asyncio.create_task(smtp_send(gateway.relay.port, later, RECRUITER, [ADA]))
+        await asyncio.sleep(0.3)
+        locker.execute("ROLLBACK")
+        assert (await sending).code == 250
+    finally:
+        locker.close()
+
+    assert (await smtp_send(gateway.relay.port, raw, RECRUITER, [ADA])).code == 250
+    assert delivered(sink) == [later, raw]
+    subjects = sorted((t.subject, t.message_count) for t in await team.threads("C-1"))
+    assert subjects == [("Waited for the lock", 1), ("While the store was locked", 1)]
