@@ -19,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from atsmail.config import ConfigError, WebhookConfig, load_config
 from atsmail.gateway.server import Gateway
 from atsmail.gateway.webhooks import Endpoint, Webhooks
 from atsmail.secrets import Secrets
 from atsmail.storage import Store
-from atsmail.storage.events import WebhookQueue
+from atsmail.storage.events import MAILBOX_ERROR, WebhookQueue, event_row
 from atsmail.storage.mailboxes import Account, Mailboxes
-from atsmail.storage.models import WebhookDelivery, WebhookEvent
+from atsmail.storage.models import WebhookDelivery, WebhookEvent, utcnow
 from tests.conftest import GatewayFactory, make_mail, relay_config, smtp_send
 from tests.dovecot import Dovecot
 from tests.gateway.test_mirror import FAST, eventually
@@ -460,3 +460,27 @@ def test_the_same_url_twice_is_refused(tmp_path: Path) -> None:
     path.write_text("[[webhook]]\nurl = 'https://ats.test/h'\nsecret_env = 'A'\n" * 2)
     with pytest.raises(ConfigError, match="listed twice"):
         load_config(path)
+
+
+@pytest.mark.usefixtures("fast")
+async def test_an_hours_worth_of_events_waits_out_a_receiver_that_is_down_and_all_arrive(
+        store: Store, receiver: Receiver) -> None:
+    # One event every five seconds for the hour the receiver was down.
+    count = 720
+    start = utcnow() - timedelta(hours=1)
+    rows = [{**event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": n}),
+             "created_at": start + timedelta(seconds=5 * n)} for n in range(count)]
+    receiver.status = 503
+    async with delivering(store, receiver):
+        async with store.db.write() as session:
+            await session.execute(insert(WebhookEvent), rows)
+
+        async def failing_a_while() -> bool:
+            return len(receiver.requests) >= 5
+
+        await eventually(failing_a_while)
+        assert await queued(store) == (count, count)
+        receiver.status = 200
+        await eventually(received(receiver, count), seconds=120)
+        await eventually(lambda: emptied(store))
+    assert [e["data"]["n"] for e in receiver.delivered] == list(range(count))
