@@ -27,9 +27,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atsmail.config import Config
 from atsmail.gateway import content
+from atsmail.gateway.review import create_review_app
 from atsmail.gateway.sender import queue_message
 from atsmail.storage import BadInput, NotFound, Refused, Store, UserError
-from atsmail.storage.access import Access, audit_json
+from atsmail.storage.access import (
+    ROLES_THAT_AUDIT,
+    ROLES_THAT_EDIT,
+    ROLES_THAT_ERASE,
+    Access,
+    audit_json,
+)
 from atsmail.storage.mailboxes import Mailboxes, mailbox_json
 from atsmail.storage.outbox import Outbox, outbox_json
 from atsmail.storage.store import checked_domain, job_json, member_json
@@ -41,8 +48,6 @@ T = TypeVar("T")
 MAX_PAGE = 500
 # Row ids are 32-bit in every store, and below 2**53 a JSON number is exact.
 MAX_ID = 2**31 - 1
-ROLES_THAT_EDIT = ("admin", "recruiter")
-ROLES_THAT_AUDIT = ("admin", "compliance")
 
 
 # --- what goes in and out ------------------------------------------------------
@@ -383,6 +388,9 @@ def create_app(config: Config, store: Store) -> FastAPI:
     users = TypeAdapter(list[UserOut])
     user = TypeAdapter(UserOut)
 
+    # The review pages: HTML for people, with error pages of their own.
+    app.mount("/review", create_review_app(store))
+
     @app.get("/api/users", response_model=list[UserOut], tags=["team"])
     async def list_users(request: Request, viewer: Caller, limit: Limit = 100,
                          offset: Offset = 0) -> Response:
@@ -482,7 +490,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
                 tags=["candidates"])
     async def erase_candidate(request: Request, candidate_id: CandidateId,
                               viewer: Caller) -> Response:
-        await allowed(viewer, ("admin", "recruiter", "compliance"), "erasing candidates",
+        await allowed(viewer, ROLES_THAT_ERASE, "erasing candidates",
                       f"candidate:{candidate_id}")
         erased, scrubbed = await store.delete_candidate(candidate_id)
         await access.record(viewer.email, "erase", f"candidate:{candidate_id}",
@@ -511,11 +519,9 @@ def create_app(config: Config, store: Store) -> FastAPI:
         items = [content.Exported(m.raw, m.from_addr, m.date, f"{m.id:06d}") for m in found]
         await access.record(viewer.email, "export", f"candidate:{candidate_id}",
                             format=format, messages=len(items))
-        data, kind = ((content.mbox(items), "application/mbox") if format == "mbox"
-                      else (content.eml_zip(items), "application/zip"))
-        name = f"candidate-{candidate_id}.{format}"
+        data, kind, name = content.export(items, format, f"candidate-{candidate_id}")
         return Response(data, media_type=kind, headers={
-            "Content-Disposition": f'attachment; filename="{_safe_name(name)}"'})
+            "Content-Disposition": f'attachment; filename="{name}"'})
 
     # --- threads and messages ----------------------------------------------------
 
@@ -567,7 +573,7 @@ def create_app(config: Config, store: Store) -> FastAPI:
                             part=f"attachment {index}")
         # Always a download, never rendered in our origin.
         return Response(item.data, media_type="application/octet-stream", headers={
-            "Content-Disposition": f'attachment; filename="{_safe_name(item.filename)}"',
+            "Content-Disposition": f'attachment; filename="{content.safe_filename(item.filename)}"',
             "X-Content-Type-Options": "nosniff"})
 
     @app.post("/api/messages", status_code=202, response_model=SentOut, tags=["mail"],
@@ -651,9 +657,3 @@ def _methods_at(app: FastAPI, scope: Scope) -> set[str]:
         if isinstance(route, APIRoute) and route.path_regex.match(scope["path"]):
             methods |= route.methods or set()
     return methods
-
-
-def _safe_name(name: str) -> str:
-    """A file name fit for a Content-Disposition header."""
-    cleaned = "".join(c if c.isalnum() or c in "._- " else "_" for c in name)[:150]
-    return cleaned.strip(" .") or "file"

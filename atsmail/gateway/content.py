@@ -142,3 +142,16 @@ def eml_zip(messages: Iterable[Exported]) -> bytes:
         for item in messages:
             archive.writestr(f"{item.name}.eml", item.raw)
     return buffer.getvalue()
+
+
+def export(messages: Iterable[Exported], format: str, name: str) -> tuple[bytes, str, str]:
+    """A candidate's mail as mbox or a zip of .eml files: (bytes, media type, file name)."""
+    data, kind = ((mbox(messages), "application/mbox") if format == "mbox"
+                  else (eml_zip(messages), "application/zip"))
+    return data, kind, safe_filename(f"{name}.{format}")
+
+
+def safe_filename(name: str) -> str:
+    """A file name fit for a Content-Disposition header."""
+    cleaned = "".join(c if c.isalnum() or c in "._- " else "_" for c in name)[:150]
+    return cleaned.strip(" .") or "file"

@@ -41,6 +41,11 @@ class TokenInfo:
                 "revoked": self.revoked_at is not None}
 
 
+# Who may do what beyond reading: the API and the review pages alike.
+ROLES_THAT_EDIT = ("admin", "recruiter")
+ROLES_THAT_AUDIT = ("admin", "compliance")
+ROLES_THAT_ERASE = ("admin", "recruiter", "compliance")
+
 def audit_json(entry: AuditEntry) -> dict[str, Any]:
     return {"id": entry.id, "at": entry.at.isoformat(), "actor": entry.actor,
             "action": entry.action, "target": entry.target, "detail": entry.detail}
