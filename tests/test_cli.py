@@ -107,6 +107,12 @@ def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
      "oauth.outlook.client_secret_env: give client_secret_env or client_secret_file"),
     ("[oauth.outlook]\nclient_secret_env = 'S'\n", "oauth.outlook.client_id: a client secret"),
     ("[oauth]\ntimeout = 0\n", "oauth.timeout: must be a positive"),
+    ("[relay]\nupstream_tls = 'always'\n",
+     "relay.upstream_tls: expected one of opportunistic, require, none"),
+    ("[relay]\nupstream_ca_file = 'missing.pem'\n", "relay.upstream_ca_file: no such file"),
+    ("[relay]\ntls_cert_file = 'bad.toml'\n", "tls_cert_file and tls_key_file go together"),
+    ("[relay]\nrequire_tls = true\n", "relay.require_tls: needs tls_cert_file"),
+    ("[relay]\nrate_limit_messages = -1\n", "relay.rate_limit_messages: must be 0 or more"),
 ])
 def test_bad_configuration_names_the_file_and_key(tmp_path: Path, content: str,
                                                   expected: str) -> None:
