@@ -123,7 +123,7 @@ class Relay:
         self.hostname = self.relay.hostname or socket.gethostname()
         self.sessions: set[RelayProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self.directory = Directory()
         self._refresher: asyncio.Task[None] | None = None
         self.tls = _server_tls(self.relay)
@@ -138,18 +138,21 @@ class Relay:
 
     # --- lifecycle -----------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen on `relay.listen`, or accept from `sockets` another process listens on."""
         await self.refresh_directory()
         self._refresher = asyncio.create_task(self._keep_directory_fresh())
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol, host=self.relay.listen_host, port=self.relay.listen_port,
-            reuse_address=True)
+        if sockets:
+            self._servers = [await loop.create_server(self._protocol, sock=s) for s in sockets]
+        else:
+            self._servers = [await loop.create_server(
+                self._protocol, host=self.relay.listen_host, port=self.relay.listen_port,
+                reuse_address=True)]
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._servers[0].sockets[0].getsockname()[1])
 
     def _protocol(self) -> RelayProtocol:
         return RelayProtocol(
@@ -167,8 +170,8 @@ class Relay:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish (bounded), then close."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         deadline = asyncio.get_running_loop().time() + (
             self.relay.shutdown_grace if grace is None else grace)
         # Polling keeps the hooks free of shutdown bookkeeping; it runs once.
@@ -180,9 +183,9 @@ class Relay:
                 protocol.transport.close()
         if self._tasks:
             await asyncio.wait(self._tasks)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
