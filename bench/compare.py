@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -126,6 +127,8 @@ def p99(result: LoadResult) -> float:
 def run(opts: argparse.Namespace) -> int:
     if os.geteuid() != 0 or not shutil.which("postfix") or not shutil.which("smtp-source"):
         raise SystemExit("needs root, Postfix and its smtp-source (Debian package postfix)")
+    # A SIGTERM (a timeout, say) still stops Postfix and the rest on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     with workspace(opts.keep) as workdir:
         procs = Processes(workdir)
         postfix: Postfix | None = None

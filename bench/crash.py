@@ -200,6 +200,8 @@ def run(opts: argparse.Namespace) -> int:
     if os.geteuid() != 0 or not shutil.which("postfix"):
         raise SystemExit("needs root and Postfix (Debian package postfix): its master "
                          "process starts as root")
+    # A SIGTERM (a timeout, say) still stops Postfix and the rest on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))
     with workspace(opts.keep) as workdir:
         procs = Processes(workdir)
         postfix: Postfix | None = None
@@ -234,6 +236,9 @@ def run(opts: argparse.Namespace) -> int:
             deadline = began + opts.timeout
             while time.monotonic() < deadline:
                 loader.run_until_complete(asyncio.sleep(0.05))
+                if gateway.poll() is not None:
+                    raise SystemExit(f"the gateway exited by itself with {gateway.returncode}:"
+                                     f"\n{log_tail(gateway_log)}")
                 seen = len(recorded(record))
                 if kills < opts.kills and seen >= (kills + 1) * opts.messages // (opts.kills + 1):
                     kill_gateway(gateway)
