@@ -15,12 +15,15 @@ map failures to SMTP codes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
 import socket
 import ssl
 from collections.abc import Coroutine
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -77,6 +80,11 @@ class RelayProtocol(SMTP):
     """aiosmtpd's protocol, with per-session upstream state and tracking."""
 
     event_handler: Relay
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's parse of a MAIL or RCPT path builds a class on every call;
+        # the same parse, remembered (the relay sets no local-part limit).
+        return _parse_path(arg)
 
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
@@ -453,6 +461,19 @@ class Relay:
             "rules": list(decision.deciding_rules),
             "upstream": reply.code,
         }))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_path(arg: str) -> tuple[str | None, str | None]:
+    """The address in a MAIL or RCPT argument and what follows it, as aiosmtpd parses them."""
+    if not arg:
+        return "", ""
+    try:
+        parsed = get_angle_addr(arg) if arg.lstrip().startswith("<") else get_addr_spec(arg)
+    except HeaderParseError:
+        return None, None
+    address, rest = parsed
+    return address.addr_spec, rest
 
 
 def _peer_address(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
