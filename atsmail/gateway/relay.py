@@ -20,14 +20,14 @@ import json
 import logging
 import socket
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from atsmail.config import Config
 from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
 from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
-from atsmail.rules.addresses import try_normalize
+from atsmail.rules.addresses import in_domains, try_normalize
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
 from atsmail.storage.lookup import Directory, load_directory
 
@@ -47,6 +47,23 @@ DIRECTORY_REFRESH = 1.0
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
+# As Postfix's `smtpd_forbid_bare_newline = strict`: only <CR><LF> ends a
+# line, so no server down the line can find an end of data (or a line) where
+# the relay found none: no SMTP smuggling, and the rules judge what is sent.
+BARE_LINE_END = ("550 5.5.2 Bare <CR> or <LF> in message data refused: "
+                 "lines must end in <CR><LF>")
+LINE_TOO_LONG = "554 5.6.0 Line longer than 1000 bytes refused (RFC 5321 4.5.3.1.6)"
+INTERNAL_SENDER = "550 5.7.1 <{}>: internal sender address refused from outside the company"
+
+# aiosmtpd's own answers that RFC 5321 does not allow after DATA (500 is a
+# command's syntax error) or that carry no enhanced status code.
+_REWORDED = {"500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG}
+
+
+def has_bare_line_end(raw: bytes) -> bool:
+    """Whether `raw` holds a <CR> or an <LF> that is not part of a <CR><LF>."""
+    crlf = raw.count(b"\r\n")
+    return raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
 
 
 def _read_fully(raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
@@ -77,6 +94,11 @@ class RelayProtocol(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.event_handler.sessions.add(self)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            status = _REWORDED.get(status, status)
+        await super().push(status)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -231,7 +253,9 @@ class Relay:
         else:
             # Other clients may only reach hosted identities (the gateway is
             # their MX); anything else is refused per recipient at RCPT, as
-            # MTAs expect of a relay.
+            # MTAs expect of a relay. Nobody out there may pose as the company.
+            if self._internal(address):
+                return INTERNAL_SENDER.format(address)
             self.close_upstream(session)
             status = "250 2.1.0 Ok"
         envelope.mail_from = address
@@ -272,7 +296,8 @@ class Relay:
             return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
         # Shielded: a client that hangs up mid-way must not leave a capture
         # half-written or an upstream transaction half-done.
-        session.delivery = self._spawn(self._relay_message(upstream, envelope))
+        session.delivery = self._spawn(
+            self._relay_message(upstream, envelope, trusted=self._allowed(session)))
         return await asyncio.shield(session.delivery)
 
     async def handle_RSET(self, server: SMTP, session: RelaySession,
@@ -293,11 +318,27 @@ class Relay:
 
     # --- one message ---------------------------------------------------------
 
-    async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope) -> str:
+    async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope,
+                             trusted: bool) -> str:
         raw = envelope.original_content or b""
         sender = envelope.mail_from if envelope.mail_from != "<>" else None
+        if has_bare_line_end(raw):
+            log.warning("refused a message from %s with a bare CR or LF", sender)
+            await upstream.reset()
+            return BARE_LINE_END
         try:
             facts = await self._read(raw, sender, list(envelope.rcpt_tos))
+        except Exception:
+            log.exception("could not read a message; deferring it")
+            await upstream.reset()
+            return TEMPFAIL
+        forged = None if trusted else next(
+            (a for a in (*facts.from_, *facts.sender) if self._internal(a)), None)
+        if forged is not None:
+            log.warning("refused a message from outside with the internal sender %s", forged)
+            await upstream.reset()
+            return INTERNAL_SENDER.format(forged)
+        try:
             decision = await self._decide(facts)
         except Exception:
             log.exception("could not judge a message; deferring it")
@@ -318,6 +359,13 @@ class Relay:
             await self._settle(prepared, reply, facts)
         self._log(facts, decision, reply)
         return str(reply)
+
+    def _internal(self, address: str) -> bool:
+        """A team member's address, or one in an internal domain."""
+        normalized = try_normalize(address)
+        directory = self.directory
+        return normalized is not None and (
+            normalized in directory.team or in_domains(normalized, directory.domains) is not None)
 
     async def _decide(self, facts: MessageFacts) -> Decision:
         forwards = self.config.capture.capture_forwards
