@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from email.errors import HeaderParseError
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser
@@ -202,7 +202,9 @@ def read_message(
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_UNDECODABLE = (HeaderParseError, LookupError, UnicodeError, ValueError)
+# MessageError: HeaderParseError, and CharsetError for a charset name that is
+# not ASCII.
+_UNDECODABLE = (MessageError, LookupError, UnicodeError, ValueError)
 # Decoding RFC 2047 words takes time quadratic in the header's length.
 _DECODE_LIMIT = 64 * 1024
 

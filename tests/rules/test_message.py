@@ -521,6 +521,9 @@ BROKEN: list[Any] = [
     pytest.param(lambda: _codec_charset(b"punycode"), id="punycode-charset"),
     pytest.param(lambda: _nested_comments(b"To"), id="5000-nested-comments-in-to"),
     pytest.param(lambda: _nested_comments(b"From"), id="5000-nested-comments-in-from"),
+    pytest.param(lambda: HEAD.replace(b"Subject: Hi", b"Subject: =?u\xfftf-8?q?abc?=")
+                 + b"To: =?\xc3\xa4?q?ada?=@applicant.test\r\n\r\nHi\r\n",
+                 id="non-ascii-charset-name-in-encoded-words"),
     pytest.param(lambda: fixture("hostile/bad_charsets.eml"), id="hostile-bad-charsets"),
     pytest.param(lambda: fixture("hostile/nested_comments.eml"), id="hostile-nested-comments"),
 ]
