@@ -307,6 +307,21 @@ async def test_header_and_command_injection_in_addresses_never_reaches_the_upstr
     await nothing_lost(sink, team, accepted)
 
 
+async def test_an_overlong_command_line_gets_500_and_the_session_goes_on(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    wire = await Wire.open(relay.relay.port)
+    assert code(await wire.send(f"MAIL FROM:<{RECRUITER}>\r\n".encode())) == 250
+    # RFC 5321 4.5.3.1.4: 500 is the answer to a command line too long; aiosmtpd
+    # reads it to its end in bounded pieces and drops it.
+    reply = await wire.send(b"RCPT TO:<" + b"a" * 1_000_000 + b"@applicant.test>\r\n")
+    assert reply == b"500 Command line too long"
+    assert await wire.silent()
+    assert code(await wire.send(b"RSET\r\n")) == 250
+    accepted = await still_serving(relay.relay.port, sink, team, wire)
+    await wire.close()
+    await nothing_lost(sink, team, accepted)
+
+
 # --- posing as the company from outside ------------------------------------------------
 
 
