@@ -431,9 +431,10 @@ def _first_text(msg: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         text = data[:_TEXT_SCAN_LIMIT].decode(charset, "replace")
-    except (LookupError, UnicodeError):
-        # An unknown charset, or a codec that is no charset ("idna" and
-        # "punycode" raise whatever the error handler says).
+    except (LookupError, ValueError):
+        # An unknown charset, a codec that is no charset ("idna" and
+        # "punycode" raise whatever the error handler says; UnicodeError is
+        # a ValueError), or a name with a NUL in it.
         text = data[:_TEXT_SCAN_LIMIT].decode("utf-8", "replace")
     text = text.replace("\r\n", "\n")
     if part.get_content_subtype() == "html":

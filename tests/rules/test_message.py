@@ -519,6 +519,7 @@ BROKEN: list[Any] = [
     pytest.param(lambda: _deep_multipart(5000, b"Fwd: x"), id="5000-nested-multiparts-fwd"),
     pytest.param(lambda: _codec_charset(b"idna"), id="idna-charset"),
     pytest.param(lambda: _codec_charset(b"punycode"), id="punycode-charset"),
+    pytest.param(lambda: _codec_charset(b'"ut\x00f-8"'), id="nul-in-the-charset-name"),
     pytest.param(lambda: _nested_comments(b"To"), id="5000-nested-comments-in-to"),
     pytest.param(lambda: _nested_comments(b"From"), id="5000-nested-comments-in-from"),
     pytest.param(lambda: HEAD.replace(b"Subject: Hi", b"Subject: =?u\xfftf-8?q?abc?=")
