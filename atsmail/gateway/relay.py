@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import re
 import socket
 from collections.abc import Coroutine
 from typing import Any, AnyStr, TypeVar
@@ -47,11 +48,8 @@ DIRECTORY_REFRESH = 1.0
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
-# As Postfix's `smtpd_forbid_bare_newline = strict`: only <CR><LF> ends a
-# line, so no server down the line can find an end of data (or a line) where
-# the relay found none: no SMTP smuggling, and the rules judge what is sent.
-BARE_LINE_END = ("550 5.5.2 Bare <CR> or <LF> in message data refused: "
-                 "lines must end in <CR><LF>")
+BARE_LINE_END = ("550 5.5.2 Message refused: its line ends could hide an end of data "
+                 "(bare <CR>, a lone dot after a bare <LF>, or <CR><LF> and bare <LF> mixed)")
 LINE_TOO_LONG = "554 5.6.0 Line longer than 1000 bytes refused (RFC 5321 4.5.3.1.6)"
 INTERNAL_SENDER = "550 5.7.1 <{}>: internal sender address refused from outside the company"
 
@@ -60,10 +58,32 @@ INTERNAL_SENDER = "550 5.7.1 <{}>: internal sender address refused from outside 
 _REWORDED = {"500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG}
 
 
-def has_bare_line_end(raw: bytes) -> bool:
-    """Whether `raw` holds a <CR> or an <LF> that is not part of a <CR><LF>."""
+# A line holding just a dot, in mail whose lines end in a bare LF.
+_LONE_DOT = re.compile(rb"(?:^|\n)\.(?:\n|$)")
+
+
+def normalise_line_ends(raw: bytes) -> bytes | None:
+    """The message with every line ended by <CR><LF>; None when its line ends
+    could show a server down the line an end of data that the relay did not see.
+
+    aiosmtpd ends the data only at <CR><LF>.<CR><LF>. Mail whose lines all
+    end in a bare LF (Python's smtplib.sendmail sends bytes so) is read as
+    <CR><LF> lines, each with its transparency dot removed, as Postfix's
+    `smtpd_forbid_bare_newline = normal` does; so what is judged and captured
+    is what the upstream gets. Refused (SMTP smuggling): a bare CR, bare LF
+    and <CR><LF> line ends in one message, and a line of just a dot ended by
+    a bare LF, which only an attempt to end the data can mean.
+    """
     crlf = raw.count(b"\r\n")
-    return raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
+    if raw.count(b"\r") != crlf:
+        return None
+    if raw.count(b"\n") == crlf:
+        return raw
+    # The last line end is the client's own <CR><LF> before the final dot.
+    lines = raw.removesuffix(b"\r\n")
+    if b"\r" in lines or _LONE_DOT.search(lines):
+        return None
+    return lines.replace(b"\n.", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
 
 
 def _read_fully(raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
@@ -320,10 +340,11 @@ class Relay:
 
     async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope,
                              trusted: bool) -> str:
-        raw = envelope.original_content or b""
         sender = envelope.mail_from if envelope.mail_from != "<>" else None
-        if has_bare_line_end(raw):
-            log.warning("refused a message from %s with a bare CR or LF", sender)
+        raw = normalise_line_ends(envelope.original_content or b"")
+        if raw is None:
+            log.warning("refused a message from %s whose line ends could hide an end of data",
+                        sender)
             await upstream.reset()
             return BARE_LINE_END
         try:

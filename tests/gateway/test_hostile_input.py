@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from atsmail.gateway.relay import normalise_line_ends
 from atsmail.gateway.server import Gateway
 from atsmail.storage import Store
 from atsmail.storage.mailboxes import Mailboxes
@@ -163,16 +164,34 @@ def from_corpus(name: str) -> Callable[[], bytes]:
     return lambda: (CORPUS / name).read_bytes()
 
 
+def with_data_end(raw: bytes) -> bytes:
+    """The bytes after DATA, as a client sends them: <CR><LF>.<CR><LF> at the end
+    (Python's smtplib adds the <CR><LF> to mail that does not end in one)."""
+    return raw + (b"" if raw.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+
+def as_delivered(raw: bytes) -> bytes:
+    """What the upstream gets: lines ended by a bare LF become <CR><LF> lines,
+    without the client's transparency dot."""
+    if raw.endswith(b"\r\n"):
+        return raw
+    return b"".join((line[1:] if line.startswith(b".") and n else line) + b"\r\n"
+                    for n, line in enumerate(raw.split(b"\n")))
+
+
 # Each case, and the relay's answer: the reply code, and whether it is
 # captured (only ever after that reply was 250).
 CASES: dict[str, tuple[Callable[[], bytes], int, bool]] = {
-    # SMTP smuggling: only <CR><LF>.<CR><LF> ends the data, and a message with
-    # any bare CR or LF is refused whole, so the smuggled MAIL, RCPT and DATA
-    # are never run and never passed on.
+    # SMTP smuggling: only <CR><LF>.<CR><LF> ends the data; a message whose
+    # line ends could show a server down the line another end is refused
+    # whole, so the smuggled MAIL, RCPT and DATA never run and never pass on.
     "smuggle_lf_dot_lf.eml": (from_corpus("smuggle_lf_dot_lf.eml"), 550, False),
     "smuggle_cr_dot_cr.eml": (from_corpus("smuggle_cr_dot_cr.eml"), 550, False),
     "smuggle_lf_dot_crlf.eml": (from_corpus("smuggle_lf_dot_crlf.eml"), 550, False),
     "smuggle_crlf_dot_lf.eml": (from_corpus("smuggle_crlf_dot_lf.eml"), 550, False),
+    "smuggle_lf_only.eml": (from_corpus("smuggle_lf_only.eml"), 550, False),
+    # Lines that all end in a bare LF are read as <CR><LF> lines.
+    "lf_line_ends.eml": (from_corpus("lf_line_ends.eml"), 250, True),
     # Broken content is relayed as it is, and judged by what can be read.
     "bad_transfer_encodings.eml": (from_corpus("bad_transfer_encodings.eml"), 250, True),
     "bad_charsets.eml": (from_corpus("bad_charsets.eml"), 250, True),
@@ -194,11 +213,32 @@ def test_every_file_in_the_corpus_has_an_answer() -> None:
     assert files == {name for name in CASES if name.endswith(".eml")}
     for name in files:
         raw = (CORPUS / name).read_bytes()
-        assert raw.endswith(b"\r\n")
-        # Sent as they are: only the smuggling attempts hold a line that
-        # starts with a dot (a client would have doubled it).
+        # Sent as they are: only the smuggling attempts hold a line of one
+        # dot, or a line that starts with one (a client would have doubled it).
         if not name.startswith("smuggle_"):
             assert not raw.startswith(b".") and b"\r\n." not in raw
+            assert b"\n.\n" not in raw and b"\n.\r" not in raw
+
+
+# The line ends of the data after aiosmtpd has read it (it ends the data only
+# at <CR><LF>.<CR><LF> and removes a dot that starts a <CR><LF> line).
+LINE_ENDS = [
+    pytest.param(b"a\r\n.b\r\n\r\n", b"a\r\n.b\r\n\r\n", id="crlf-as-it-is"),
+    pytest.param(b"a\nb\n\r\n", b"a\r\nb\r\n\r\n", id="lf-read-as-crlf"),
+    pytest.param(b"a\n..\n..b\n\r\n", b"a\r\n.\r\n.b\r\n\r\n", id="lf-dots-unstuffed"),
+    pytest.param(b".a\nb\r\n", b".a\r\nb\r\n", id="first-dot-already-unstuffed"),
+    pytest.param(b"a\n.\nMAIL FROM:<e@v.l>\n\r\n", None, id="lone-dot-lf-lf"),
+    pytest.param(b"a\nb\n.\r\n", None, id="lone-dot-lf-crlf"),
+    pytest.param(b"a\r\n\nMAIL FROM:<e@v.l>\r\n", None, id="crlf-dot-lf-after-aiosmtpd"),
+    pytest.param(b"a\r\nb\nc\r\n", None, id="crlf-and-lf-mixed"),
+    pytest.param(b"a\r.\rMAIL FROM:<e@v.l>\r\n", None, id="bare-cr"),
+    pytest.param(b"a\rb\r\n", None, id="any-bare-cr"),
+]
+
+
+@pytest.mark.parametrize(("content", "delivered"), LINE_ENDS)
+def test_line_ends_are_read_as_crlf_or_refused(content: bytes, delivered: bytes | None) -> None:
+    assert normalise_line_ends(content) == delivered
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -209,13 +249,13 @@ async def test_hostile_message_gets_its_answer_and_the_relay_carries_on(
     port = relay.relay.port
     wire = await Wire.open(port)
     await wire.transaction(RECRUITER, [ADA])
-    reply = await wire.send(raw + b".\r\n")
+    reply = await wire.send(with_data_end(raw))
     assert code(reply) == expected, reply
     # One answer for one end of data: nothing smuggled was run.
     assert await wire.silent()
-    accepted = [raw] if expected == 250 else []
+    accepted = [as_delivered(raw)] if expected == 250 else []
     assert [m.content for m in sink.messages] == accepted
-    assert (raw in await captured(team)) == capture
+    assert (as_delivered(raw) in await captured(team)) == capture
     accepted += await still_serving(port, sink, team, wire)
     await wire.close()
     await nothing_lost(sink, team, accepted)
