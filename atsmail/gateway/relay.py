@@ -19,12 +19,13 @@ import functools
 import ipaddress
 import json
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Coroutine
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
-from typing import Any, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -32,7 +33,7 @@ from atsmail.config import Config, ConfigError, RelayConfig
 from atsmail.gateway.limits import RateLimiter
 from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
 from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
-from atsmail.rules.addresses import try_normalize
+from atsmail.rules.addresses import in_domains, try_normalize
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
 from atsmail.storage.access import relay_logins, token_digest
 from atsmail.storage.lookup import Directory, load_directory
@@ -57,6 +58,43 @@ TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try ag
 TOO_MANY_MESSAGES = "450 4.7.1 Too many messages from your address this minute, try again later"
 TOO_MANY_RECIPIENTS = ("450 4.7.1 Too many recipients from your address this minute, "
                        "try again later")
+
+BARE_LINE_END = ("550 5.5.2 Message refused: its line ends could hide an end of data "
+                 "(bare <CR>, a lone dot after a bare <LF>, or <CR><LF> and bare <LF> mixed)")
+LINE_TOO_LONG = "554 5.6.0 Line longer than 1000 bytes refused (RFC 5321 4.5.3.1.6)"
+INTERNAL_SENDER = "550 5.7.1 <{}>: internal sender address refused from outside the company"
+
+# aiosmtpd's own answers that RFC 5321 does not allow after DATA (500 is a
+# command's syntax error) or that carry no enhanced status code.
+_REWORDED = {"500 Line too long (see RFC5321 4.5.3.1.6)": LINE_TOO_LONG}
+
+
+# A line holding just a dot, in mail whose lines end in a bare LF.
+_LONE_DOT = re.compile(rb"(?:^|\n)\.(?:\n|$)")
+
+
+def normalise_line_ends(raw: bytes) -> bytes | None:
+    """The message with every line ended by <CR><LF>; None when its line ends
+    could show a server down the line an end of data that the relay did not see.
+
+    aiosmtpd ends the data only at <CR><LF>.<CR><LF>. Mail whose lines all
+    end in a bare LF (Python's smtplib.sendmail sends bytes so) is read as
+    <CR><LF> lines, each with its transparency dot removed, as Postfix's
+    `smtpd_forbid_bare_newline = normal` does; so what is judged and captured
+    is what the upstream gets. Refused (SMTP smuggling): a bare CR, bare LF
+    and <CR><LF> line ends in one message, and a line of just a dot ended by
+    a bare LF, which only an attempt to end the data can mean.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf:
+        return None
+    if raw.count(b"\n") == crlf:
+        return raw
+    # The last line end is the client's own <CR><LF> before the final dot.
+    lines = raw.removesuffix(b"\r\n")
+    if b"\r" in lines or _LONE_DOT.search(lines):
+        return None
+    return lines.replace(b"\n.", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
 
 
 def _read_fully(raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
@@ -107,6 +145,11 @@ class RelayProtocol(SMTP):
             self.transport.close()
             return
         await super()._handle_client()
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            status = _REWORDED.get(status, status)
+        await super().push(status)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -306,7 +349,9 @@ class Relay:
         else:
             # Other clients may only reach hosted identities (the gateway is
             # their MX); anything else is refused per recipient at RCPT, as
-            # MTAs expect of a relay.
+            # MTAs expect of a relay. Nobody out there may pose as the company.
+            if self._internal(address):
+                return INTERNAL_SENDER.format(address)
             self.close_upstream(session)
             status = "250 2.1.0 Ok"
         envelope.mail_from = address
@@ -349,7 +394,8 @@ class Relay:
             return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
         # Shielded: a client that hangs up mid-way must not leave a capture
         # half-written or an upstream transaction half-done.
-        session.delivery = self._spawn(self._relay_message(upstream, envelope))
+        session.delivery = self._spawn(
+            self._relay_message(upstream, envelope, trusted=self._allowed(session)))
         return await asyncio.shield(session.delivery)
 
     async def handle_RSET(self, server: SMTP, session: RelaySession,
@@ -370,11 +416,28 @@ class Relay:
 
     # --- one message ---------------------------------------------------------
 
-    async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope) -> str:
-        raw = envelope.original_content or b""
+    async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope,
+                             trusted: bool) -> str:
         sender = envelope.mail_from if envelope.mail_from != "<>" else None
+        raw = normalise_line_ends(envelope.original_content or b"")
+        if raw is None:
+            log.warning("refused a message from %s whose line ends could hide an end of data",
+                        sender)
+            await upstream.reset()
+            return BARE_LINE_END
         try:
             facts = await self._read(raw, sender, list(envelope.rcpt_tos))
+        except Exception:
+            log.exception("could not read a message; deferring it")
+            await upstream.reset()
+            return TEMPFAIL
+        forged = None if trusted else next(
+            (a for a in (*facts.from_, *facts.sender) if self._internal(a)), None)
+        if forged is not None:
+            log.warning("refused a message from outside with the internal sender %s", forged)
+            await upstream.reset()
+            return INTERNAL_SENDER.format(forged)
+        try:
             decision = await self._decide(facts)
         except Exception:
             log.exception("could not judge a message; deferring it")
@@ -395,6 +458,13 @@ class Relay:
             await self._settle(prepared, reply, facts)
         self._log(facts, decision, reply)
         return str(reply)
+
+    def _internal(self, address: str) -> bool:
+        """A team member's address, or one in an internal domain."""
+        normalized = try_normalize(address)
+        directory = self.directory
+        return normalized is not None and (
+            normalized in directory.team or in_domains(normalized, directory.domains) is not None)
 
     async def _decide(self, facts: MessageFacts) -> Decision:
         forwards = self.config.capture.capture_forwards

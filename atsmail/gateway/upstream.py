@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.email import parse_address
 
 from atsmail.config import Upstream
 
@@ -50,6 +51,7 @@ UNAVAILABLE = Reply(451, "4.4.1 Upstream unavailable, try again later")
 TLS_FAILED = Reply(451, "4.7.5 Upstream TLS unavailable or untrusted, try again later")
 LOST = Reply(451, "4.4.2 Upstream connection lost, try again later")
 NO_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address, and the upstream does not support SMTPUTF8")
+REWRITTEN = Reply(553, "5.1.3 Address not accepted: it would not reach the upstream as written")
 
 
 class UpstreamSession(Protocol):
@@ -185,6 +187,8 @@ class SmtpSession:
         if wants_utf8 and not self.client.supports_extension("smtputf8"):
             return NO_SMTPUTF8
         self._encoding = "utf-8" if wants_utf8 else "ascii"
+        if sender not in ("<>", "") and not _passed_as_written(sender):
+            return REWRITTEN
         # aiosmtpd hands the null reverse-path over as "<>"; aiosmtplib
         # writes "" as "<>" and refuses "<>" itself.
         reply = await self._run("mail", "" if sender == "<>" else sender,
@@ -195,6 +199,8 @@ class SmtpSession:
     async def rcpt(self, recipient: str) -> Reply:
         if not recipient.isascii() and self._encoding != "utf-8":
             return NO_SMTPUTF8
+        if not _passed_as_written(recipient):
+            return REWRITTEN
         return await self._run("rcpt", recipient, encoding=self._encoding)
 
     async def data(self, content: bytes) -> Reply:
@@ -214,6 +220,19 @@ class SmtpSession:
             except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 pass
         self.client.close()
+
+
+def _passed_as_written(address: str) -> bool:
+    """Whether aiosmtplib puts `address` on the wire as it is.
+
+    It parses every address again before writing it, and that parse can make
+    another address of one: `"x<CR>Bcc: y@z"@d` becomes `y@z`. Such an address
+    is refused, so the upstream gets the very address the relay judged.
+    """
+    try:
+        return parse_address(address) == address
+    except ValueError:
+        return True  # refused with its own reason when it is sent
 
 
 class MaildirSession:

@@ -272,7 +272,10 @@ async def test_client_outside_allowed_networks_is_refused_at_rcpt(
         gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
     import ipaddress
     gateway = await gateway_factory(allowed_networks=(ipaddress.ip_network("127.0.0.1/32"),))
-    result = await smtp_send(gateway.relay.port, make_mail(RECRUITER, ADA), RECRUITER, [ADA],
+    # An outside sender (an internal one is refused at MAIL already: see
+    # test_hostile_input.py) trying to reach anyone but a hosted identity.
+    outsider = "someone@outside.test"
+    result = await smtp_send(gateway.relay.port, make_mail(outsider, ADA), outsider, [ADA],
                              source="127.0.0.2")
     assert result.rcpt[ADA][0] == 554 and "Relay access denied" in result.rcpt[ADA][1]
     assert sink.sessions == 0
@@ -351,32 +354,6 @@ async def test_null_sender_bounce_is_relayed(relay: Gateway, sink: Sink) -> None
     raw = make_mail("MAILER-DAEMON@example.com", ADA, "Undelivered Mail Returned to Sender")
     assert await send(relay, raw, "", [ADA]) == 250
     assert sink.messages[0].mail_from == "<>"
-
-
-async def test_bare_lf_dot_cannot_smuggle_a_second_message(
-        relay: Gateway, sink: Sink) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", relay.relay.port)
-
-    async def answer() -> bytes:
-        line = await reader.readline()
-        while line[3:4] == b"-":
-            line = await reader.readline()
-        return line
-
-    await answer()
-    for command in (b"EHLO client.test", f"MAIL FROM:<{RECRUITER}>".encode(),
-                    f"RCPT TO:<{ADA}>".encode(), b"DATA"):
-        writer.write(command + b"\r\n")
-        await answer()
-    writer.write(b"Subject: one\r\n\r\nbody\n.\nMAIL FROM:<evil@evil.test>\r\n"
-                 b"RCPT TO:<victim@example.com>\r\nDATA\r\n\r\nsmuggled\r\n.\r\n")
-    assert (await answer()).startswith(b"250")
-    writer.write(b"QUIT\r\n")
-    await answer()
-    writer.close()
-    assert len(sink.messages) == 1
-    assert sink.messages[0].rcpt_tos == [ADA]
-    assert b"evil@evil.test" in sink.messages[0].content
 
 
 async def test_client_hanging_up_mid_data_delivers_and_stores_nothing(

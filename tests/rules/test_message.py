@@ -516,7 +516,32 @@ BROKEN: list[Any] = [
     pytest.param(lambda: _deep_multipart(1000), id="1000-nested-multiparts"),
     pytest.param(lambda: _deep_multipart(1000, b"Fwd: x"), id="1000-nested-multiparts-fwd"),
     pytest.param(lambda: _deep_rfc822(1000), id="1000-nested-rfc822"),
+    pytest.param(lambda: _deep_multipart(5000, b"Fwd: x"), id="5000-nested-multiparts-fwd"),
+    pytest.param(lambda: _codec_charset(b"idna"), id="idna-charset"),
+    pytest.param(lambda: _codec_charset(b"punycode"), id="punycode-charset"),
+    pytest.param(lambda: _codec_charset(b'"ut\x00f-8"'), id="nul-in-the-charset-name"),
+    pytest.param(lambda: _nested_comments(b"To"), id="5000-nested-comments-in-to"),
+    pytest.param(lambda: _nested_comments(b"From"), id="5000-nested-comments-in-from"),
+    pytest.param(lambda: HEAD.replace(b"Subject: Hi", b"Subject: =?u\xfftf-8?q?abc?=")
+                 + b"To: =?\xc3\xa4?q?ada?=@applicant.test\r\n\r\nHi\r\n",
+                 id="non-ascii-charset-name-in-encoded-words"),
+    pytest.param(lambda: fixture("hostile/bad_charsets.eml"), id="hostile-bad-charsets"),
+    pytest.param(lambda: fixture("hostile/nested_comments.eml"), id="hostile-nested-comments"),
 ]
+
+
+def _codec_charset(charset: bytes) -> bytes:
+    """A forward whose text names a codec that is no charset: "idna" and
+    "punycode" raise whatever error handler they are given."""
+    return (HEAD.replace(b"Subject: Hi", b"Subject: Fwd: CV") + b"MIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=" + charset + b"\r\n\r\n"
+            b"---------- Forwarded message ---------\r\nFrom: Ada <ada@applicant.test>\r\n"
+            b"\xff\xfe\r\n")
+
+
+def _nested_comments(name: bytes, depth: int = 5000) -> bytes:
+    """An address header whose comments nest deeper than the parser's stack."""
+    return HEAD.replace(name + b": ", name + b": " + b"(" * depth + b" ", 1) + b"\r\nHi\r\n"
 
 
 @pytest.mark.parametrize("make", BROKEN)
@@ -546,6 +571,20 @@ def test_bad_input_never_raises(make: Any) -> None:
                  id="200-nested-multiparts-headers-read"),
     pytest.param(lambda: _deep_rfc822(200), lambda f: f.forward.attached,
                  id="200-nested-rfc822-is-an-attached-forward"),
+    pytest.param(lambda: _codec_charset(b"idna"),
+                 lambda f: f.forward.inline and f.forward.original_sender == "ada@applicant.test",
+                 id="idna-charset-read-as-utf8"),
+    pytest.param(lambda: _nested_comments(b"From"),
+                 lambda f: f.from_ == ("ada@applicant.test",) and "From: unparseable" in f.defects,
+                 id="nested-comments-address-still-found"),
+    pytest.param(lambda: _deep_multipart(5000, b"Fwd: x"),
+                 lambda f: f.forward.subject_prefix and not f.forward.inline,
+                 id="5000-nested-multiparts-body-not-read"),
+    pytest.param(lambda: _deep_multipart(50, b"Fwd: x").replace(
+                     b"the innermost part", b"---------- Forwarded message ---------\r\n"
+                     b"From: grace@candidates.test"),
+                 lambda f: f.forward.inline and "grace@candidates.test" in f.thread_ids + (
+                     f.forward.original_addresses), id="50-nested-multiparts-still-read"),
     pytest.param(lambda: fixture("malformed_headers.eml"),
                  lambda f: "Date: unparseable" in f.defects, id="defects-recorded"),
     pytest.param(lambda: fixture("bad_charset.eml"),
