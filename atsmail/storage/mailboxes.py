@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from atsmail.storage.capture import Capture, keep
+from atsmail.storage.capture import Capture, commit_captures, keep
 from atsmail.storage.db import Database
 from atsmail.storage.events import MAILBOX_ERROR, MAILBOX_RECOVERED, record_event
 from atsmail.storage.models import (
@@ -264,7 +264,7 @@ class Mailboxes:
             conn.execute(_CHECKPOINT, {"address": address, "folder": folder,
                                        "to_uidvalidity": uidvalidity, "to_uid": last_uid})
 
-        await self.db.run(work, write=True)
+        await commit_captures(self.db, work)
 
     async def replace_secret(self, address: str, old: bytes, new: bytes) -> None:
         """Keep a refresh token the provider rotated, unless the mailbox changed meanwhile."""
