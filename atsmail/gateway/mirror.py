@@ -125,11 +125,15 @@ class Mirror:
         leases = await self.mailboxes.hold(self.name, self.config.mirror.lease)
         self._held_until = asked + self.config.mirror.lease
         keep = set(leases.held) - set(leases.surplus)
-        lost = [a for a in self.watchers if a not in keep]
+        lost = sorted(a for a in self.watchers if a not in leases.held)
         if lost:
-            log.info("no longer mirroring %s (another gateway's now, or disconnected)",
-                     ", ".join(sorted(lost)))
-            await self._stop_watchers(lost)
+            log.info("no longer mirroring %s: the lease went to another gateway, or the "
+                     "mailbox was disconnected", ", ".join(lost))
+        handed = sorted(a for a in self.watchers if a in leases.surplus)
+        if handed:
+            log.info("handing %s over to another gateway (more than a fair share here)",
+                     ", ".join(handed))
+        await self._stop_watchers([*lost, *handed])
         if leases.surplus:
             # Stopped first, then released: never two gateways on one mailbox.
             await self.mailboxes.release(self.name, leases.surplus)
