@@ -81,11 +81,12 @@ class Mirror:
         self._task = asyncio.create_task(self._supervise(), name="mirror")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._task is None:
+            return  # never started: holds nothing
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
         await self._stop_watchers(list(self.watchers))
         # Free at once for the other gateways, rather than when the leases run out.
         try:
