@@ -127,6 +127,11 @@ class Sender:
                 raise
             except Exception:
                 log.exception("the outbox could not be worked through; trying again")
+                # The rest was not tried: due again at once. The message in
+                # hand may have gone out; its claim runs out before a retry.
+                untried, self._held = self._held[1:], []
+                with contextlib.suppress(Exception):
+                    await self.outbox.release(untried)
             await asyncio.sleep(POLL)
 
     async def _deliver(self, item: OutboxMessage) -> None:
