@@ -111,6 +111,7 @@ class Mirror:
         settings = self.config.mirror
         every = min(DISCOVER_EVERY, settings.poll_interval, settings.lease / LEASE_RENEWALS)
         while True:
+            began = time.monotonic()
             try:
                 await self._reconcile()
             except Exception:
@@ -119,7 +120,9 @@ class Mirror:
                     log.warning("the leases ran out: no longer mirroring %s",
                                 ", ".join(sorted(self.watchers)))
                     await self._stop_watchers(list(self.watchers))
-            await asyncio.sleep(every)
+            # At a steady pace, however long the renewal took: the time a
+            # dead gateway's mailboxes wait is at most a lease and one pace.
+            await asyncio.sleep(max(every / 10, began + every - time.monotonic()))
 
     async def _reconcile(self) -> None:
         asked = time.monotonic()
