@@ -5,7 +5,7 @@ upstream and a Dovecot with the other. The connected mailboxes are split
 between them (each mirrored by exactly one), mail relayed by either is
 captured once, and when one is killed (`kill -9`, no chance to release
 anything) its mailboxes move to the survivor, which captures what is
-delivered to them afterwards.
+delivered to them afterwards; stopped properly, the survivor releases them.
 
 The leases here last 10 s instead of 25 so the test stays short; the
 hand-over time scales with the lease (`test_the_default_lease_moves_a_dead_
@@ -258,3 +258,8 @@ async def test_two_gateways_split_the_mailboxes_and_a_survivor_takes_over(
         counts = await captured(team)
         assert all(n == 1 for n in counts.values()), counts
         assert survivor.process.returncode is None, survivor.output()
+
+        # A gateway that is stopped (SIGTERM) releases its leases on the way out.
+        await stop(survivor)
+        assert survivor.process.returncode == 0, survivor.output()
+        assert set((await held_by(team)).values()) == {None}
