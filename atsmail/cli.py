@@ -151,19 +151,32 @@ def init(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("-v", "--verbose", is_flag=True, help="Log every SMTP session too.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes accepting relay connections, sharing the listening socket "
+                   "(one per core uses every core).")
+@click.option("--relay-fd", "relay_fds", type=int, multiple=True, hidden=True,
+              help="Run as a relay worker on this inherited listening socket.")
+@click.option("--relay-parent", type=int, hidden=True,
+              help="A relay worker's parent process, which it stops without.")
 @click.pass_context
-def serve(ctx: click.Context, verbose: bool) -> None:
+def serve(ctx: click.Context, verbose: bool, workers: int, relay_fds: tuple[int, ...],
+          relay_parent: int | None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     from atsmail.gateway.server import serve as run_gateway
+    from atsmail.gateway.server import serve_relay_worker
 
     config = _config(ctx)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s")
     # aiosmtpd logs every command at INFO; keep that for --verbose.
     logging.getLogger("mail.log").setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        asyncio.run(run_gateway(config))
+        if relay_fds:
+            asyncio.run(serve_relay_worker(config, list(relay_fds),
+                                           relay_parent or os.getppid()))
+        else:
+            asyncio.run(run_gateway(config, workers, verbose))
     except (UserError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except SQLAlchemyError as exc:

@@ -16,7 +16,7 @@ import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,11 +45,21 @@ class Upstream:
     host: str = ""
     port: int = 25
     path: Path | None = None
+    # TLS from the first byte (smtps://), with the certificate checked.
+    implicit_tls: bool = False
+    # For smtp://: "opportunistic" (STARTTLS when offered, unchecked, as
+    # Postfix's `may`), "require" (STARTTLS with a checked certificate, or no
+    # delivery) or "none".
+    tls: str = "opportunistic"
+    # CA certificates to check the upstream's certificate against (PEM);
+    # None: the system's.
+    ca_file: Path | None = None
 
     def __str__(self) -> str:
         if self.kind == "maildir":
             return f"maildir:{self.path}"
-        return f"smtp://{_join_host_port(self.host, self.port)}"
+        scheme = "smtps" if self.implicit_tls else "smtp"
+        return f"{scheme}://{_join_host_port(self.host, self.port)}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,19 @@ class RelayConfig:
     data_timeout: float = 600.0
     idle_timeout: float = 300.0
     shutdown_grace: float = 30.0
+    # The admin's certificate and key (PEM): with them the relay offers STARTTLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Clients must say STARTTLS before anything but EHLO, NOOP and QUIT.
+    require_tls: bool = False
+    # SMTP AUTH (PLAIN, LOGIN: a team member's address and API token) is
+    # offered only over TLS unless this is set.
+    auth_without_tls: bool = False
+    # Per client address and minute, for clients outside allowed_networks
+    # (authenticated or not); 0 turns a limit off.
+    rate_limit_connections: int = 60
+    rate_limit_messages: int = 120
+    rate_limit_recipients: int = 600
 
 
 @dataclass(frozen=True)
@@ -227,7 +250,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         {
             "listen", "upstream", "allowed_networks", "max_message_size",
             "max_recipients", "hostname", "upstream_timeout", "data_timeout",
-            "idle_timeout", "shutdown_grace",
+            "idle_timeout", "shutdown_grace", "upstream_tls", "upstream_ca_file",
+            "tls_cert_file", "tls_key_file", "require_tls", "auth_without_tls",
+            "rate_limit_connections", "rate_limit_messages", "rate_limit_recipients",
         },
     )
     capture = reader.table(data, "capture", {"capture_forwards", "ats_inbox", "retention_days"})
@@ -248,6 +273,23 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         relay, "relay.listen", str, parse_host_port,
         (defaults.listen_host, defaults.listen_port),
     )
+    upstream = reader.get(relay, "relay.upstream", str, lambda v: _parse_upstream(v, base),
+                          defaults.upstream)
+    if upstream.kind == "smtp":
+        upstream = replace(
+            upstream,
+            tls=reader.get(relay, "relay.upstream_tls", str, _upstream_tls, upstream.tls),
+            ca_file=reader.get(relay, "relay.upstream_ca_file", str,
+                               lambda v: _existing_file(base / Path(v).expanduser()), None))
+    tls_cert_file = reader.get(relay, "relay.tls_cert_file", str,
+                               lambda v: _existing_file(base / Path(v).expanduser()), None)
+    tls_key_file = reader.get(relay, "relay.tls_key_file", str,
+                              lambda v: _existing_file(base / Path(v).expanduser()), None)
+    if (tls_cert_file is None) != (tls_key_file is None):
+        raise reader.fail("relay.tls_cert_file", "tls_cert_file and tls_key_file go together")
+    require_tls = reader.get(relay, "relay.require_tls", bool, bool, defaults.require_tls)
+    if require_tls and tls_cert_file is None:
+        raise reader.fail("relay.require_tls", "needs tls_cert_file and tls_key_file")
     return Config(
         path=path,
         storage=StorageConfig(
@@ -257,8 +299,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         relay=RelayConfig(
             listen_host=listen_host,
             listen_port=listen_port,
-            upstream=reader.get(relay, "relay.upstream", str,
-                                lambda v: _parse_upstream(v, base), defaults.upstream),
+            upstream=upstream,
             allowed_networks=reader.get(relay, "relay.allowed_networks", list,
                                         _parse_networks, defaults.allowed_networks),
             max_message_size=reader.get(relay, "relay.max_message_size", int,
@@ -274,6 +315,17 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                                     _seconds, defaults.idle_timeout),
             shutdown_grace=reader.get(relay, "relay.shutdown_grace", (int, float),
                                       _seconds, defaults.shutdown_grace),
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            require_tls=require_tls,
+            auth_without_tls=reader.get(relay, "relay.auth_without_tls", bool, bool,
+                                        defaults.auth_without_tls),
+            rate_limit_connections=reader.get(relay, "relay.rate_limit_connections", int,
+                                              _not_negative, defaults.rate_limit_connections),
+            rate_limit_messages=reader.get(relay, "relay.rate_limit_messages", int,
+                                           _not_negative, defaults.rate_limit_messages),
+            rate_limit_recipients=reader.get(relay, "relay.rate_limit_recipients", int,
+                                             _not_negative, defaults.rate_limit_recipients),
         ),
         capture=CaptureConfig(
             capture_forwards=reader.get(capture, "capture.capture_forwards", bool, bool,
@@ -502,12 +554,29 @@ def _parse_upstream(value: str, base: Path) -> Upstream:
         if not raw:
             raise ValueError("maildir: needs a path, e.g. maildir:/var/mail/atsmail")
         return Upstream("maildir", path=base / Path(raw).expanduser())
-    if value.startswith("smtp://"):
-        host, port = parse_host_port(value.removeprefix("smtp://").rstrip("/"), 25)
-        if not host:
-            raise ValueError(f"missing host in {value!r}")
-        return Upstream("smtp", host=host, port=port)
-    raise ValueError(f"expected smtp://HOST[:PORT] or maildir:PATH, got {value!r}")
+    for scheme, default_port in (("smtp://", 25), ("smtps://", 465)):
+        if value.startswith(scheme):
+            host, port = parse_host_port(value.removeprefix(scheme).rstrip("/"), default_port)
+            if not host:
+                raise ValueError(f"missing host in {value!r}")
+            return Upstream("smtp", host=host, port=port, implicit_tls=scheme == "smtps://")
+    raise ValueError(
+        f"expected smtp://HOST[:PORT], smtps://HOST[:PORT] or maildir:PATH, got {value!r}")
+
+
+UPSTREAM_TLS = ("opportunistic", "require", "none")
+
+
+def _upstream_tls(value: str) -> str:
+    if value not in UPSTREAM_TLS:
+        raise ValueError(f"expected one of {', '.join(UPSTREAM_TLS)}, got {value!r}")
+    return value
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
 
 
 def _parse_networks(value: list[Any]) -> tuple[Network, ...]:

@@ -589,7 +589,8 @@ def write_relay_config(workdir: Path, port: int, sink_port: int) -> Path:
         f'upstream = "smtp://{HOST}:{sink_port}"\n'
         'allowed_networks = ["127.0.0.0/8"]\n'
         'hostname = "relay.bench.test"\n'
-        "shutdown_grace = 10\n",
+        "shutdown_grace = 10\n"
+        "\n[api]\nenabled = false\n",
         encoding="utf-8",
     )
     return config

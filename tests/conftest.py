@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -152,6 +153,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    # Whether it came over TLS (STARTTLS or implicit).
+    tls: bool = False
 
 
 @dataclass
@@ -169,6 +172,9 @@ class Sink:
     sessions: int = 0
     port: int = 0
     server: asyncio.Server | None = None
+    # Offered as STARTTLS, or from the first byte when `implicit_tls`.
+    tls_context: ssl.SSLContext | None = None
+    implicit_tls: bool = False
     _protocols: list[SMTP] = field(default_factory=list)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
@@ -196,20 +202,23 @@ class Sink:
         if self.data_reply:
             return self.data_reply
         self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                      bytes(envelope.original_content or b"")))
+                                      bytes(envelope.original_content or b""),
+                                      tls=self.implicit_tls or session.ssl is not None))
         if self.hang_up_after_data and server.transport is not None:
             asyncio.get_running_loop().call_later(0.01, server.transport.close)
         return f"250 2.0.0 Ok: queued as S{len(self.messages)}"
 
     def _protocol(self) -> SMTP:
         self.sessions += 1
-        protocol = SMTP(self, hostname="sink.test", enable_SMTPUTF8=True)
+        protocol = SMTP(self, hostname="sink.test", enable_SMTPUTF8=True,
+                        tls_context=None if self.implicit_tls else self.tls_context)
         self._protocols.append(protocol)
         return protocol
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(self._protocol, "127.0.0.1", 0)
+        self.server = await loop.create_server(
+            self._protocol, "127.0.0.1", 0, ssl=self.tls_context if self.implicit_tls else None)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -222,12 +222,12 @@ def start_dovecot(tls: bool = False, introspection_url: str = "") -> Dovecot | N
     root.chmod(0o755)  # its unprivileged processes read files here
     server = Dovecot(root, free_port(), introspection_url=introspection_url)
     if tls:
-        server.cert, server.key = _self_signed(root)
+        server.cert, server.key = self_signed(root)
     server.start()
     return server
 
 
-def _self_signed(root: Path) -> tuple[Path, Path]:
+def self_signed(root: Path) -> tuple[Path, Path]:
     import datetime
     import ipaddress
 

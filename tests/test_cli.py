@@ -6,6 +6,7 @@ The last tests run `atsmail serve` as a real process and mail through it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -48,6 +49,9 @@ url = "sqlite+aiosqlite:///store/atsmail.db"
 listen = "127.0.0.1:{free_port()}"
 upstream = "maildir:delivered"
 allowed_networks = ["127.0.0.0/8"]
+
+[api]
+listen = "127.0.0.1:{free_port()}"
 """)
     return path
 
@@ -108,6 +112,12 @@ def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
     ("[oauth.outlook]\nclient_secret_env = 'S'\n", "oauth.outlook.client_id: a client secret"),
     ("[oauth]\ntimeout = 0\n", "oauth.timeout: must be a positive"),
     ("[mirror]\nlease = 0\n", "mirror.lease: must be a positive"),
+    ("[relay]\nupstream_tls = 'always'\n",
+     "relay.upstream_tls: expected one of opportunistic, require, none"),
+    ("[relay]\nupstream_ca_file = 'missing.pem'\n", "relay.upstream_ca_file: no such file"),
+    ("[relay]\ntls_cert_file = 'bad.toml'\n", "tls_cert_file and tls_key_file go together"),
+    ("[relay]\nrequire_tls = true\n", "relay.require_tls: needs tls_cert_file"),
+    ("[relay]\nrate_limit_messages = -1\n", "relay.rate_limit_messages: must be 0 or more"),
 ])
 def test_bad_configuration_names_the_file_and_key(tmp_path: Path, content: str,
                                                   expected: str) -> None:
@@ -296,8 +306,9 @@ def test_purge_applies_retention_and_says_what_it_did(cli: Cli, config_file: Pat
 # --- the real process ------------------------------------------------------------
 
 
-@pytest.fixture
-def served(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+@contextlib.contextmanager
+def _serve(cli: Cli, config_file: Path,
+           *args: str) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     cli("domain", "add", "example.com")
     cli("user", "add", "recruiter@example.com")
     cli("candidate", "add", "C-1", "--name", "Ada Applicant", "--email", "ada@applicant.test")
@@ -305,7 +316,7 @@ def served(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes
     log = config_file.parent / "serve.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "atsmail", "--config", str(config_file), "serve"],
+            [sys.executable, "-m", "atsmail", "--config", str(config_file), "serve", *args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -315,10 +326,22 @@ def served(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes
         except OSError:
             assert process.poll() is None, log.read_text()
             time.sleep(0.1)
-    yield process, port, log
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    try:
+        yield process, port, log
+    finally:
+        workers = _children(process.pid)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def served(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    with _serve(cli, config_file) as served:
+        yield served
 
 
 def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
@@ -350,9 +373,19 @@ def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
 
 def test_a_second_serve_on_a_taken_port_fails_clearly(
         cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path]) -> None:
-    result = cli("serve", code=1)
-    assert "cannot start" in result.stderr and "address already in use" in result.stderr.lower()
+    for workers in ("1", "2"):
+        result = cli("serve", "--workers", workers, code=1)
+        assert "cannot start" in result.stderr
+        assert "address already in use" in result.stderr.lower()
     assert served[0].poll() is None
+
+
+def test_serve_with_workers_refuses_a_port_its_like_already_holds(
+        cli: Cli, served_by_workers: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+    # SO_REUSEPORT alone would let the second share the port unnoticed.
+    result = cli("serve", "--workers", "2", code=1)
+    assert "address already in use" in result.stderr.lower()
+    assert served_by_workers[0].poll() is None
 
 
 def test_serve_refuses_a_webhook_whose_secret_is_not_set(
@@ -511,3 +544,106 @@ client_id = "00000000-0000-0000-0000-000000000000"
          "security": "ssl", "smtp": "smtp.office365.com:587", "smtp_security": "starttls"}]
     stored = (tmp_path / "store" / "atsmail.db").read_bytes()
     assert b"refresh-token-of-rita" not in stored and b"refresh-token-of-sam" not in stored
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _serving(pids: set[int], port: int) -> dict[int, int]:
+    """How many established relay connections each process holds."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                established.add(fields[9])
+    held: dict[int, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in established:
+                held[pid] = held.get(pid, 0) + 1
+    return held
+
+
+def _wait_for(check: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def served_by_workers(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes],
+                                                                       int, Path]]:
+    with _serve(cli, config_file, "--workers", "3") as served:
+        yield served
+
+
+def test_serve_with_workers_shares_the_port_restarts_a_dead_worker_and_stops_them_all(
+        cli: Cli, served_by_workers: tuple[subprocess.Popen[bytes], int, Path],
+        config_file: Path) -> None:
+    process, port, log = served_by_workers
+    _wait_for(lambda: len(_children(process.pid)) == 2)
+    workers = _children(process.pid)
+
+    # Many clients at once, each sending a candidate mail: every one is
+    # delivered and captured once, whichever process took it.
+    clients = [smtplib.SMTP("127.0.0.1", port, timeout=20) for _ in range(24)]
+    for client in clients:
+        client.ehlo()
+    held = _serving({process.pid, *workers}, port)
+    assert sum(held.values()) == 24
+    for i, client in enumerate(clients):
+        client.sendmail("recruiter@example.com", ["ada@applicant.test"],
+                        make_mail("recruiter@example.com", "ada@applicant.test", f"Mail {i}"))
+        client.quit()
+    threads = cli.json("threads", "--candidate", "C-1")
+    assert isinstance(threads, list)
+    assert sorted(t["subject"] for t in threads) == sorted(f"Mail {i}" for i in range(24))
+    assert len(list((config_file.parent / "delivered" / "new").iterdir())) == 24
+
+    # A worker killed outright is replaced, and the port keeps serving.
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: len(_children(process.pid) - {victim}) == 2 and victim not in
+              _children(process.pid))
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+        client.sendmail("recruiter@example.com", ["ada@applicant.test"],
+                        make_mail("recruiter@example.com", "ada@applicant.test", "After"))
+
+    # SIGTERM to the gateway stops every process cleanly.
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    _wait_for(lambda: not any(_alive(pid) for pid in workers))
+    output = log.read_text()
+    assert f"relay worker {victim} exited with -9" in output
+    assert "Traceback" not in output
+    assert len(held) >= 2, held
+
+
+def test_workers_stop_when_the_main_process_is_killed(
+        cli: Cli, served_by_workers: tuple[subprocess.Popen[bytes], int, Path]) -> None:
+    process, port, _ = served_by_workers
+    _wait_for(lambda: len(_children(process.pid)) == 2)
+    workers = _children(process.pid)
+    process.kill()
+    process.wait()
+    # They let go of the port, so the gateway can be started again.
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), seconds=10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))

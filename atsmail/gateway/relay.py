@@ -15,20 +15,26 @@ map failures to SMTP codes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
 import socket
+import ssl
 from collections.abc import Coroutine
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any, TypeVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from atsmail.config import Config
+from atsmail.config import Config, ConfigError, RelayConfig
+from atsmail.gateway.limits import RateLimiter
 from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
 from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
 from atsmail.rules.addresses import try_normalize
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
+from atsmail.storage.access import relay_logins, token_digest
 from atsmail.storage.lookup import Directory, load_directory
 
 T = TypeVar("T")
@@ -47,6 +53,10 @@ DIRECTORY_REFRESH = 1.0
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
+TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
+TOO_MANY_MESSAGES = "450 4.7.1 Too many messages from your address this minute, try again later"
+TOO_MANY_RECIPIENTS = ("450 4.7.1 Too many recipients from your address this minute, "
+                       "try again later")
 
 
 def _read_fully(raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
@@ -71,12 +81,32 @@ class RelayProtocol(SMTP):
 
     event_handler: Relay
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's parse of a MAIL or RCPT path builds a class on every call;
+        # the same parse, remembered (the relay sets no local-part limit).
+        return _parse_path(arg)
+
     def _create_session(self) -> Session:
         return RelaySession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        previous = self.session
         super().connection_made(transport)
+        if isinstance(previous, RelaySession) and previous is not self.session:
+            # STARTTLS starts the session afresh (RFC 3207), the upstream too.
+            self.event_handler.close_upstream(previous)
         self.event_handler.sessions.add(self)
+
+    async def _handle_client(self) -> None:
+        # Before the greeting: a client over its connection rate gets 421 and
+        # nothing else, as RFC 5321 has a server that will not serve say.
+        assert self.session is not None
+        if self.event_handler.over_limit(self.session, "connections"):
+            await self.push(TOO_MANY_CONNECTIONS)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -101,24 +131,36 @@ class Relay:
         self.hostname = self.relay.hostname or socket.gethostname()
         self.sessions: set[RelayProtocol] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self.directory = Directory()
         self._refresher: asyncio.Task[None] | None = None
+        self.tls = _server_tls(self.relay)
+        # Team members' API tokens (by digest), the relay's SMTP AUTH logins.
+        self.logins: dict[str, str] = {}
+        self.auth_offered = self.tls is not None or self.relay.auth_without_tls
+        self.limits = {
+            "connections": RateLimiter(self.relay.rate_limit_connections),
+            "messages": RateLimiter(self.relay.rate_limit_messages),
+            "recipients": RateLimiter(self.relay.rate_limit_recipients),
+        }
 
     # --- lifecycle -----------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen on `relay.listen`, or accept from `sockets` another process listens on."""
         await self.refresh_directory()
         self._refresher = asyncio.create_task(self._keep_directory_fresh())
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol, host=self.relay.listen_host, port=self.relay.listen_port,
-            reuse_address=True)
+        if sockets:
+            self._servers = [await loop.create_server(self._protocol, sock=s) for s in sockets]
+        else:
+            self._servers = [await loop.create_server(
+                self._protocol, host=self.relay.listen_host, port=self.relay.listen_port,
+                reuse_address=True)]
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._servers[0].sockets[0].getsockname()[1])
 
     def _protocol(self) -> RelayProtocol:
         return RelayProtocol(
@@ -128,12 +170,16 @@ class Relay:
             hostname=self.hostname,
             ident="atsmail",
             timeout=self.relay.idle_timeout,
+            tls_context=self.tls,
+            require_starttls=self.relay.require_tls,
+            auth_require_tls=not self.relay.auth_without_tls,
+            authenticator=self._authenticate,
         )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish (bounded), then close."""
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         deadline = asyncio.get_running_loop().time() + (
             self.relay.shutdown_grace if grace is None else grace)
         # Polling keeps the hooks free of shutdown bookkeeping; it runs once.
@@ -145,9 +191,9 @@ class Relay:
                 protocol.transport.close()
         if self._tasks:
             await asyncio.wait(self._tasks)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers = []
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
@@ -155,6 +201,8 @@ class Relay:
     async def refresh_directory(self) -> None:
         """Reload who is internal; admin changes reach the relay this way."""
         self.directory = await self.store.db.run(load_directory, write=False)
+        if self.auth_offered:
+            self.logins = await self.store.db.run(relay_logins, write=False)
 
     async def _keep_directory_fresh(self) -> None:
         while True:
@@ -184,17 +232,42 @@ class Relay:
     # --- the SMTP hooks ------------------------------------------------------
 
     def _allowed(self, session: Session) -> bool:
-        peer = session.peer
-        host = peer[0] if isinstance(peer, tuple) else None
-        if not host:
+        """Whether the client may relay: it logged in, or its network may."""
+        return bool(session.authenticated) or self._trusted(session)
+
+    def _trusted(self, session: Session) -> bool:
+        address = _peer_address(session)
+        if address is None:
             return False
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         return any(address in network for network in self.relay.allowed_networks)
+
+    def over_limit(self, session: Session, what: str) -> bool:
+        """Count one of `what` for the client; whether that passes its limit.
+
+        Clients in allowed_networks (the company's own MTA) are not limited.
+        """
+        if self._trusted(session):
+            return False
+        address = _peer_address(session)
+        if self.limits[what].allow(str(address)):
+            return False
+        log.info("%s over the %s-a-minute limit", address, what)
+        return True
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, data: Any) -> AuthResult:
+        """SMTP AUTH: a team member's address and one of their API tokens."""
+        member = None
+        if isinstance(data, LoginPassword):
+            login = try_normalize(data.login.decode("utf-8", "replace"))
+            owner = self.logins.get(token_digest(data.password.decode("utf-8", "replace")))
+            if owner is not None and owner == login:
+                member = owner
+        if member is None:
+            log.warning("failed SMTP AUTH %s from %s", mechanism, _peer_address(session))
+            return AuthResult(success=False, handled=False)
+        log.info("SMTP AUTH %s as %s from %s", mechanism, member, _peer_address(session))
+        return AuthResult(success=True, auth_data=member)
 
     async def _upstream(self, session: RelaySession) -> UpstreamSession | Reply:
         if session.upstream is not None and session.upstream.usable:
@@ -223,6 +296,8 @@ class Relay:
 
     async def handle_MAIL(self, server: SMTP, session: RelaySession, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
+        if self.over_limit(session, "messages"):
+            return TOO_MANY_MESSAGES
         if self._allowed(session):
             reply = await self._begin(session, address, mail_options)
             if not reply.ok:
@@ -245,6 +320,8 @@ class Relay:
         member = self.directory.hosted.get(normalized) if normalized else None
         if member is None and not self._allowed(session):
             return f"554 5.7.1 <{address}>: Relay access denied"
+        if self.over_limit(session, "recipients"):
+            return TOO_MANY_RECIPIENTS
         # Every attempt counts, accepted or not: no recipient floods or
         # address harvesting through the upstream.
         session.rcpt_attempts += 1
@@ -384,3 +461,43 @@ class Relay:
             "rules": list(decision.deciding_rules),
             "upstream": reply.code,
         }))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_path(arg: str) -> tuple[str | None, str | None]:
+    """The address in a MAIL or RCPT argument and what follows it, as aiosmtpd parses them."""
+    if not arg:
+        return "", ""
+    try:
+        parsed = get_angle_addr(arg) if arg.lstrip().startswith("<") else get_addr_spec(arg)
+    except HeaderParseError:
+        return None, None
+    address, rest = parsed
+    return address.addr_spec, rest
+
+
+def _peer_address(session: Session) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    peer = session.peer
+    host = peer[0] if isinstance(peer, tuple) else None
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def _server_tls(relay: RelayConfig) -> ssl.SSLContext | None:
+    """The context STARTTLS uses: the admin's certificate, no client certificates."""
+    if relay.tls_cert_file is None or relay.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(relay.tls_cert_file, relay.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"relay.tls_cert_file: cannot load {relay.tls_cert_file} with "
+                          f"{relay.tls_key_file}: {exc}") from None
+    return context

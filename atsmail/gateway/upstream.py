@@ -12,6 +12,7 @@ import asyncio
 import logging
 import mailbox
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +47,7 @@ class Reply:
 
 
 UNAVAILABLE = Reply(451, "4.4.1 Upstream unavailable, try again later")
+TLS_FAILED = Reply(451, "4.7.5 Upstream TLS unavailable or untrusted, try again later")
 LOST = Reply(451, "4.4.2 Upstream connection lost, try again later")
 NO_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address, and the upstream does not support SMTPUTF8")
 
@@ -76,18 +78,59 @@ async def open_session(upstream: Upstream, command_timeout: float, data_timeout:
     if upstream.kind == "maildir":
         assert upstream.path is not None
         return MaildirSession(upstream.path)
-    client = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port,
-                             timeout=command_timeout,
-                             local_hostname=local_hostname or None, start_tls=False)
+    opportunistic = upstream.tls == "opportunistic" and not upstream.implicit_tls
+    client = await _connect(upstream, command_timeout, local_hostname,
+                            starttls=not upstream.implicit_tls and upstream.tls != "none",
+                            validate_certs=not opportunistic)
+    if client is TLS_FAILED and opportunistic:
+        # As Postfix's `may`: a TLS handshake that fails is retried in the clear.
+        client = await _connect(upstream, command_timeout, local_hostname,
+                                starttls=False, validate_certs=False)
+    if isinstance(client, Reply):
+        return client
+    return SmtpSession(client, data_timeout)
+
+
+async def _connect(upstream: Upstream, command_timeout: float, local_hostname: str | None,
+                   starttls: bool, validate_certs: bool) -> aiosmtplib.SMTP | Reply:
+    client = aiosmtplib.SMTP(
+        hostname=upstream.host, port=upstream.port, timeout=command_timeout,
+        local_hostname=local_hostname or None, start_tls=False,
+        use_tls=upstream.implicit_tls, validate_certs=validate_certs,
+        cert_bundle=str(upstream.ca_file) if upstream.ca_file else None)
+    secured = upstream.implicit_tls
+    upgrading = False
     try:
         await client.connect()
         # Now, not lazily: what the upstream supports decides what is passed on.
         await client.ehlo()
+        if starttls and client.supports_extension("starttls"):
+            upgrading = True
+            await client.starttls()
+            # A server that dislikes the handshake may say so only by hanging
+            # up here (TLS 1.3).
+            await client.ehlo()
+            secured = True
     except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-        log.warning("upstream %s unavailable: %s", upstream, exc)
+        log.warning("upstream %s unavailable%s: %s", upstream,
+                    " (TLS)" if upgrading else "", exc)
         client.close()
-        return UNAVAILABLE
-    return SmtpSession(client, data_timeout)
+        return TLS_FAILED if upgrading or _tls_error(exc) else UNAVAILABLE
+    if upstream.tls == "require" and not secured:
+        log.warning("upstream %s does not offer STARTTLS, which relay.upstream_tls requires",
+                    upstream)
+        client.close()
+        return TLS_FAILED
+    return client
+
+
+def _tls_error(exc: BaseException) -> bool:
+    """Whether `exc`, or what caused it, is a TLS handshake or certificate failure."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 class SmtpSession:

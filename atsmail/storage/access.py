@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from atsmail.storage.db import Database
 from atsmail.storage.models import ApiToken, AuditEntry, TeamMember, utcnow
@@ -51,8 +51,16 @@ def audit_json(entry: AuditEntry) -> dict[str, Any]:
             "action": entry.action, "target": entry.target, "detail": entry.detail}
 
 
-def _digest(token: str) -> str:
+def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+_LOGINS = select(ApiToken.token_hash, ApiToken.member).where(ApiToken.revoked_at.is_(None))
+
+
+def relay_logins(conn: Connection) -> dict[str, str]:
+    """Each live token's digest and its team member: the relay's SMTP AUTH logins."""
+    return {digest: member for digest, member in conn.execute(_LOGINS)}
 
 
 class Access:
@@ -68,7 +76,7 @@ class Access:
         async with self.db.write() as session:
             if await session.get(TeamMember, email) is None:
                 raise UserError(f"{email} is not a team member")
-            row = ApiToken(member=email, token_hash=_digest(token))
+            row = ApiToken(member=email, token_hash=token_digest(token))
             session.add(row)
             await session.flush()
             session.add(AuditEntry(actor=actor, action="token.create", target=email,
@@ -97,7 +105,7 @@ class Access:
             return None
         async with self.db.read() as session:
             row = await session.scalar(select(ApiToken).where(
-                ApiToken.token_hash == _digest(token), ApiToken.revoked_at.is_(None)))
+                ApiToken.token_hash == token_digest(token), ApiToken.revoked_at.is_(None)))
             if row is None:
                 return None
             viewer = await load_viewer(session, row.member)
