@@ -145,6 +145,10 @@ class MirrorConfig:
     backfill_imap_days: int = 14
     backfill_gmail_hours: int = 24
     backfill_outlook_messages: int = 100
+    # Seconds a mirror's lease on a mailbox lasts unless renewed (it is
+    # renewed every sixth of that): how long the mailboxes of a gateway that
+    # died wait before another gateway takes them.
+    lease: float = 25.0
 
 
 GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
@@ -257,7 +261,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     secrets = reader.table(data, "secrets", {"key_file", "key_env"})
     mirror = reader.table(data, "mirror", {
         "enabled", "poll_interval", "command_timeout", "reconnect_max", "backfill_imap_days",
-        "backfill_gmail_hours", "backfill_outlook_messages"})
+        "backfill_gmail_hours", "backfill_outlook_messages", "lease"})
     mirror_defaults = MirrorConfig()
     dkim = reader.table(data, "dkim", {"selector", "domain", "key_file"})
     oauth = reader.table(data, "oauth", {"timeout", *OAUTH_PROVIDERS})
@@ -357,6 +361,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             backfill_outlook_messages=reader.get(
                 mirror, "mirror.backfill_outlook_messages", int, _positive,
                 mirror_defaults.backfill_outlook_messages),
+            lease=reader.get(mirror, "mirror.lease", (int, float), _seconds,
+                             mirror_defaults.lease),
         ),
         dkim=DkimConfig(
             selector=reader.get(dkim, "dkim.selector", str, str, ""),

@@ -181,6 +181,17 @@ class Dovecot:
         subprocess.run(["doveadm", "-c", str(self.root / "dovecot.conf"), "kick", address],
                        check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
 
+    def sessions(self) -> dict[str, int]:
+        """How many IMAP sessions each user has open now."""
+        listed = subprocess.run(
+            ["doveadm", "-c", str(self.root / "dovecot.conf"), "who", "-1"],
+            check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL, text=True)
+        counts: dict[str, int] = {}
+        for line in listed.stdout.splitlines()[1:]:  # under a header line
+            user = line.split()[0]
+            counts[user] = counts.get(user, 0) + 1
+        return counts
+
     def client(self, address: str, password: str) -> imaplib.IMAP4:
         client = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
         client.login(address, password)

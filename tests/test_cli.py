@@ -111,6 +111,7 @@ def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
      "oauth.outlook.client_secret_env: give client_secret_env or client_secret_file"),
     ("[oauth.outlook]\nclient_secret_env = 'S'\n", "oauth.outlook.client_id: a client secret"),
     ("[oauth]\ntimeout = 0\n", "oauth.timeout: must be a positive"),
+    ("[mirror]\nlease = 0\n", "mirror.lease: must be a positive"),
     ("[relay]\nupstream_tls = 'always'\n",
      "relay.upstream_tls: expected one of opportunistic, require, none"),
     ("[relay]\nupstream_ca_file = 'missing.pem'\n", "relay.upstream_ca_file: no such file"),
@@ -404,6 +405,7 @@ def test_config_example_is_complete_and_valid(tmp_path: Path) -> None:
     config = load_config(example)
     assert config.relay.upstream.kind == "maildir"
     assert config.mirror.enabled and config.secrets.key_file.name == "atsmail.key"
+    assert config.mirror.lease == 25
     assert config.oauth.gmail.token_url == "https://oauth2.googleapis.com/token"
     assert config.oauth.outlook.token_url.startswith("https://login.microsoftonline.com/")
 

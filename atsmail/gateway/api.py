@@ -214,6 +214,8 @@ class MailboxOut(BaseModel):
     last_sync: datetime | None
     last_error: str | None
     sharing: str | None
+    # The gateway whose mirror holds the mailbox's lease, if one does.
+    mirrored_by: str | None
 
 
 class OutboxOut(BaseModel):

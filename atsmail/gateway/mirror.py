@@ -7,6 +7,13 @@ passes it waits with IDLE where the server offers it, else it polls. A
 watcher never lets one mailbox's trouble reach another: failures are
 recorded on the mailbox, the connection is retried with back-off, and the
 checkpoint only ever moves past mail that was handled.
+
+Gateways that share a store mirror each mailbox once between them: a
+mirror watches only the mailboxes it holds a lease on (see
+`storage.mailboxes`), renews its leases every sixth of their length, stops
+watching a mailbox whose lease it lost or handed over, and stops watching
+everything when it could not renew in time (another gateway may hold its
+mailboxes by then).
 """
 
 from __future__ import annotations
@@ -14,6 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
+import time
 from datetime import UTC, datetime, timedelta
 
 from atsmail.config import Config
@@ -39,31 +50,50 @@ BATCH = 200
 # Captured messages fetched whole in one command: they may carry CVs of
 # megabytes each, so a response stays bounded.
 WHOLE_BATCH = 20
-# How often the set of connected mailboxes is looked at again.
+# How often the set of connected mailboxes is looked at again (and the
+# leases renewed, at least every sixth of their length).
 DISCOVER_EVERY = 5.0
+LEASE_RENEWALS = 6
+
+
+def mirror_name() -> str:
+    """This gateway's name on the leases it holds: host and process, and a
+    random part so that a restarted process never passes for the old one."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Mirror:
-    """Starts and stops one watcher per connected mailbox."""
+    """Starts and stops one watcher per mailbox this gateway holds the lease of."""
 
     def __init__(self, config: Config, store: Store, credentials: Credentials) -> None:
         self.config = config
         self.store = store
         self.credentials = credentials
         self.mailboxes = Mailboxes(store.db)
+        self.name = mirror_name()
         self.watchers: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        # Until when (monotonic) the leases last renewed are surely ours.
+        self._held_until = 0.0
 
     async def start(self) -> None:
+        log.info("mirroring as %s", self.name)
         self._task = asyncio.create_task(self._supervise(), name="mirror")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._task is None:
+            return  # never started: holds nothing
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
         await self._stop_watchers(list(self.watchers))
+        # Free at once for the other gateways, rather than when the leases run out.
+        try:
+            await self.mailboxes.release(self.name)
+        except Exception:
+            log.warning("could not release the mailbox leases; they run out in %.0f s",
+                        self.config.mirror.lease, exc_info=True)
 
     async def _stop_watchers(self, addresses: list[str]) -> None:
         tasks = [self.watchers.pop(a) for a in addresses]
@@ -78,23 +108,47 @@ class Mirror:
                 log.warning("a mailbox watcher ended with %r", task.exception())
 
     async def _supervise(self) -> None:
+        settings = self.config.mirror
+        every = min(DISCOVER_EVERY, settings.poll_interval, settings.lease / LEASE_RENEWALS)
         while True:
+            began = time.monotonic()
             try:
                 await self._reconcile()
             except Exception:
-                log.warning("could not read the connected mailboxes", exc_info=True)
-            await asyncio.sleep(min(DISCOVER_EVERY, self.config.mirror.poll_interval))
+                log.warning("could not renew the mailbox leases", exc_info=True)
+                if self.watchers and time.monotonic() >= self._held_until:
+                    log.warning("the leases ran out: no longer mirroring %s",
+                                ", ".join(sorted(self.watchers)))
+                    await self._stop_watchers(list(self.watchers))
+            # At a steady pace, however long the renewal took: the time a
+            # dead gateway's mailboxes wait is at most a lease and one pace.
+            await asyncio.sleep(max(every / 10, began + every - time.monotonic()))
 
     async def _reconcile(self) -> None:
-        wanted = {box.address: box for box in await self.mailboxes.all()
-                  if box.state != "disconnected"}
-        await self._stop_watchers([a for a in self.watchers if a not in wanted])
-        for address, box in wanted.items():
-            task = self.watchers.get(address)
-            if task is None or task.done():
+        asked = time.monotonic()
+        leases = await self.mailboxes.hold(self.name, self.config.mirror.lease)
+        self._held_until = asked + self.config.mirror.lease
+        keep = set(leases.held) - set(leases.surplus)
+        lost = sorted(a for a in self.watchers if a not in leases.held)
+        if lost:
+            log.info("no longer mirroring %s: the lease went to another gateway, or the "
+                     "mailbox was disconnected", ", ".join(lost))
+        handed = sorted(a for a in self.watchers if a in leases.surplus)
+        if handed:
+            log.info("handing %s over to another gateway (more than a fair share here)",
+                     ", ".join(handed))
+        await self._stop_watchers([*lost, *handed])
+        if leases.surplus:
+            # Stopped first, then released: never two gateways on one mailbox.
+            await self.mailboxes.release(self.name, leases.surplus)
+        for box in await self.mailboxes.all():
+            task = self.watchers.get(box.address)
+            if box.address in keep and (task is None or task.done()):
+                if task is None:
+                    log.info("mirroring %s", box.address)
                 watcher = Watcher(self, box)
-                self.watchers[address] = asyncio.create_task(
-                    watcher.run(), name=f"mirror {address}")
+                self.watchers[box.address] = asyncio.create_task(
+                    watcher.run(), name=f"mirror {box.address}")
 
 
 class Watcher:

@@ -98,9 +98,10 @@ class Sender:
         self.outbox = Outbox(store.db)
         self.mailboxes = Mailboxes(store.db)
         self._task: asyncio.Task[None] | None = None
+        # Claimed and not yet sent, retried or failed: the first is in hand.
+        self._held: list[OutboxMessage] = []
 
     async def start(self) -> None:
-        await self.outbox.requeue_interrupted()
         self._task = asyncio.create_task(self._run(), name="sender")
 
     async def stop(self) -> None:
@@ -109,18 +110,28 @@ class Sender:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        # Whatever was being sent is tried again by the next start.
-        await self.outbox.requeue_interrupted()
+        # What this gateway claimed and did not carry through is due again at
+        # once, here or in another gateway (the one cut short included: the
+        # claim of a gateway that dies instead runs out).
+        held, self._held = self._held, []
+        await self.outbox.release(held)
 
     async def _run(self) -> None:
         while True:
             try:
-                for item in await self.outbox.claim_due():
-                    await self._deliver(item)
+                self._held = await self.outbox.claim_due()
+                while self._held:
+                    await self._deliver(self._held[0])
+                    self._held.pop(0)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("the outbox could not be worked through; trying again")
+                # The rest was not tried: due again at once. The message in
+                # hand may have gone out; its claim runs out before a retry.
+                untried, self._held = self._held[1:], []
+                with contextlib.suppress(Exception):
+                    await self.outbox.release(untried)
             await asyncio.sleep(POLL)
 
     async def _deliver(self, item: OutboxMessage) -> None:

@@ -7,6 +7,12 @@ concurrent sessions share commits: one writer task drains every operation
 waiting at that moment into a single transaction (one fsync for all). If a
 group fails, its operations are retried one by one, so a single bad message
 fails alone.
+
+Gateways sharing a PostgreSQL store may capture the same message at the same
+moment (the relays of two MX hosts, a relay and a mirror). Neither sees the
+other's uncommitted copy, so the later commit runs into the unique capture
+key (or a link or source row the other just added) and is made again: then
+it finds the first copy and adds its source and candidates to it.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import bindparam, delete, exists, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from atsmail.rules import Decision, MessageFacts
 from atsmail.storage.db import Database
@@ -37,6 +45,34 @@ from atsmail.storage.models import (
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 128
+# A capture transaction that lost a race to another gateway's is made again
+# this many times in all: each new try sees the rows the winner committed.
+CONFLICT_ATTEMPTS = 4
+# PostgreSQL's deadlock and serialization failures: two gateways' groups
+# that touch the same rows in another order.
+RETRYABLE_STATES = ("40P01", "40001")
+
+T = TypeVar("T")
+
+
+def _lost_race(exc: DBAPIError) -> bool:
+    return (isinstance(exc, IntegrityError)
+            or getattr(exc.orig, "sqlstate", None) in RETRYABLE_STATES)
+
+
+async def commit_captures(db: Database, work: Callable[[Connection], T]) -> T:
+    """`work` in one write transaction, made again when it lost a race to another
+    gateway's transaction over the same message."""
+    attempt = 1
+    while True:
+        try:
+            return await db.run(work, write=True)
+        except DBAPIError as exc:
+            if attempt >= CONFLICT_ATTEMPTS or not _lost_race(exc):
+                raise
+            attempt += 1
+            log.info("a capture met another gateway's copy of the same message (%s); "
+                     "trying again", type(exc.orig).__name__)
 
 
 @dataclass(frozen=True)
@@ -123,7 +159,7 @@ class CaptureWriter:
     async def _commit(self, group: list[tuple[_Operation, asyncio.Future[Any]]]) -> None:
         operations = [op for op, _ in group]
         try:
-            results = await self.db.run(lambda conn: apply(conn, operations), write=True)
+            results = await commit_captures(self.db, lambda conn: apply(conn, operations))
         except Exception as exc:
             if len(group) == 1:
                 if not group[0][1].done():

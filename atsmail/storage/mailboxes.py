@@ -1,21 +1,31 @@
-"""Connected mailboxes: accounts, folder roles and the mirror's checkpoints.
+"""Connected mailboxes: accounts, folder roles, the mirror's checkpoints and leases.
 
 The service methods here each run in one transaction, like `Store`'s; the
 mirror reads and advances checkpoints through them.
+
+Gateways sharing a store split the mailboxes between their mirrors with
+leases: a mailbox is mirrored by the gateway whose lease on it has not run
+out. Each mirror renews its leases every few seconds and takes free or
+expired ones up to its fair share (the connected mailboxes divided by the
+mirrors alive), handing over what it holds beyond that share, so a gateway
+that joins gets work and the mailboxes of one that dies move to the others
+once its leases run out.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from atsmail.storage.capture import Capture, keep
+from atsmail.storage.capture import Capture, commit_captures, keep
 from atsmail.storage.db import Database
 from atsmail.storage.events import MAILBOX_ERROR, MAILBOX_RECOVERED, record_event
 from atsmail.storage.models import (
@@ -23,6 +33,7 @@ from atsmail.storage.models import (
     SHARING_LEVELS,
     Mailbox,
     MailboxFolder,
+    RunningMirror,
     TeamMember,
     utcnow,
 )
@@ -84,6 +95,22 @@ class FolderState:
                 "uidvalidity": self.uidvalidity, "last_uid": self.last_uid}
 
 
+@dataclass(frozen=True)
+class Leases:
+    """The mailboxes a mirror holds after renewing its leases."""
+
+    held: list[str]
+    # Of those, the ones beyond its fair share: to stop mirroring and release.
+    surplus: list[str]
+
+
+def mirrored_by(box: Mailbox) -> str | None:
+    """The gateway whose lease on the mailbox is live, if any."""
+    if box.lease_holder is None or box.lease_until is None or box.lease_until <= utcnow():
+        return None
+    return box.lease_holder
+
+
 def mailbox_json(box: Mailbox) -> dict[str, Any]:
     return {
         "address": box.address, "provider": box.provider, "owner": box.owner,
@@ -94,6 +121,7 @@ def mailbox_json(box: Mailbox) -> dict[str, Any]:
         "security": box.security,
         "smtp": f"{box.smtp_host}:{box.smtp_port}" if box.smtp_host else None,
         "smtp_security": box.smtp_security, "auth": box.auth,
+        "mirrored_by": mirrored_by(box),
     }
 
 
@@ -177,6 +205,7 @@ class Mailboxes:
             box.state = "disconnected"
             box.secret = b""
             box.last_error = None
+            box.lease_holder = box.lease_until = None
 
     async def set_hosted_identity(self, user: str, address: str) -> None:
         user, address = checked_address(user), checked_address(address)
@@ -264,7 +293,59 @@ class Mailboxes:
             conn.execute(_CHECKPOINT, {"address": address, "folder": folder,
                                        "to_uidvalidity": uidvalidity, "to_uid": last_uid})
 
-        await self.db.run(work, write=True)
+        await commit_captures(self.db, work)
+
+    async def hold(self, holder: str, ttl: float) -> Leases:
+        """Renew `holder`'s leases for `ttl` seconds and take free or expired
+        ones up to its fair share; one transaction.
+
+        The rows taken are locked with `SKIP LOCKED` on PostgreSQL and the
+        update checks again that each is free, so two mirrors taking at once
+        never both get one (on SQLite, writers take turns anyway).
+        """
+        now = utcnow()
+        until = now + timedelta(seconds=ttl)
+        connected = Mailbox.state != "disconnected"
+        free = or_(Mailbox.lease_holder.is_(None), Mailbox.lease_until < now)
+        async with self.db.write() as session:
+            alive = await session.execute(update(RunningMirror).where(
+                RunningMirror.id == holder).values(alive_until=until))
+            if not getattr(alive, "rowcount", 0):
+                session.add(RunningMirror(id=holder, alive_until=until))
+            await session.execute(delete(RunningMirror).where(RunningMirror.alive_until < now))
+            await session.flush()
+            mirrors = int(await session.scalar(select(func.count(RunningMirror.id))) or 1)
+            total = int(await session.scalar(
+                select(func.count(Mailbox.address)).where(connected)) or 0)
+            share = math.ceil(total / max(mirrors, 1))
+            held = list(await session.scalars(
+                update(Mailbox).where(connected, Mailbox.lease_holder == holder)
+                .values(lease_until=until).returning(Mailbox.address),
+                execution_options={"synchronize_session": False}))
+            if len(held) < share:
+                wanted = list(await session.scalars(
+                    select(Mailbox.address).where(connected, free)
+                    .order_by(Mailbox.address).limit(share - len(held))
+                    .with_for_update(skip_locked=True)))
+                if wanted:
+                    held += await session.scalars(
+                        update(Mailbox).where(Mailbox.address.in_(wanted), connected, free)
+                        .values(lease_holder=holder, lease_until=until)
+                        .returning(Mailbox.address),
+                        execution_options={"synchronize_session": False})
+        held.sort()
+        return Leases(held, held[share:])
+
+    async def release(self, holder: str, addresses: Sequence[str] | None = None) -> None:
+        """Give up `holder`'s leases on `addresses` (all of them, and its place
+        among the mirrors, when None): free at once for another mirror."""
+        async with self.db.write() as session:
+            mine = update(Mailbox).where(Mailbox.lease_holder == holder)
+            if addresses is not None:
+                mine = mine.where(Mailbox.address.in_(list(addresses)))
+            await session.execute(mine.values(lease_holder=None, lease_until=None))
+            if addresses is None:
+                await session.execute(delete(RunningMirror).where(RunningMirror.id == holder))
 
     async def replace_secret(self, address: str, old: bytes, new: bytes) -> None:
         """Keep a refresh token the provider rotated, unless the mailbox changed meanwhile."""

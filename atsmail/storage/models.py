@@ -213,7 +213,10 @@ FOLDER_ROLES = ("incoming", "outgoing", "none")
 class Mailbox(Base):
     """A connected mailbox the mirror watches; its secret is stored encrypted.
 
-    `state` is connecting, syncing, idle, error or disconnected. `auth` says
+    `state` is connecting, syncing, idle, error or disconnected. Exactly one
+    gateway mirrors a mailbox at a time: the one named in `lease_holder`
+    until `lease_until` (it renews the lease every few seconds; a lease that
+    runs out is free for any gateway to take). `auth` says
     what the secret is: a password (`password`) or an OAuth2 refresh token
     (`oauth2`). `security` is the IMAP server's; `smtp_security` the SMTP
     server's, which for Outlook differs (implicit TLS vs STARTTLS).
@@ -243,6 +246,21 @@ class Mailbox(Base):
     last_sync: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_holder: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RunningMirror(Base):
+    """A running gateway's mirror, alive while it renews `alive_until`.
+
+    Counted to give each its fair share of the mailboxes, including one that
+    has just started and holds none yet.
+    """
+
+    __tablename__ = "mirrors"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    alive_until: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class MailboxFolder(Base):

@@ -3,10 +3,18 @@
 Each message is composed once (so every retry sends the same bytes under the
 same Message-ID), claimed by one sender at a time (`sending`), and retried
 with back-off until it is sent or fails for good.
+
+Several gateways may share one store, so a claim is a lease, not a lock: a
+claimed message is `sending` with its next attempt moved `CLAIM` ahead. The
+gateway that claimed it marks it sent, failed or due again long before
+then; if that gateway dies instead, the claim runs out and any gateway
+picks the message up. Nothing is taken from a gateway that is still alive,
+and no start-up sweep is needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,6 +40,10 @@ from atsmail.storage.store import UserError, checked_address
 MAX_ATTEMPTS = 12
 FIRST_RETRY = 30.0
 LAST_RETRY = 3600.0
+# How long a claimed message is left to the gateway that claimed it. A
+# submission and the filing in Sent are bounded by their timeouts (minutes
+# at most); a claim that outlives this belongs to a gateway that died.
+CLAIM = timedelta(minutes=15)
 # References kept in a reply: the thread's start and its latest messages matter.
 MAX_REFERENCES = 20
 
@@ -155,24 +167,48 @@ class Outbox:
         async with self.db.read() as session:
             return list(await session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
 
-    async def claim_due(self, limit: int = 20) -> list[OutboxMessage]:
-        """Mark due messages `sending` and return them: one sender per message."""
+    async def claim_due(self, limit: int = 5) -> list[OutboxMessage]:
+        """Claim due messages (queued ones, and claims that ran out) for `CLAIM`.
+
+        A few at a time: they are sent one after the other, well within the
+        claim, and other gateways take the rest. The rows are locked with
+        `SKIP LOCKED` on PostgreSQL, so gateways claiming at once pass over
+        each other's; the update checks again that each is still due, which
+        is what makes the claim atomic on SQLite (and on any store).
+        """
+        now = utcnow()
+        due = (OutboxMessage.status.in_(("queued", "sending")),
+               OutboxMessage.next_attempt <= now)
         async with self.db.write() as session:
-            items = list(await session.scalars(
-                select(OutboxMessage)
-                .where(OutboxMessage.status == "queued", OutboxMessage.next_attempt <= utcnow())
+            ids = list(await session.scalars(
+                select(OutboxMessage.id).where(*due)
                 .order_by(OutboxMessage.next_attempt).limit(limit)
                 .with_for_update(skip_locked=True)))
-            for item in items:
-                item.status = "sending"
-                item.attempts += 1
-            return items
+            if not ids:
+                return []
+            claimed = list(await session.scalars(
+                update(OutboxMessage).where(OutboxMessage.id.in_(ids), *due)
+                .values(status="sending", attempts=OutboxMessage.attempts + 1,
+                        next_attempt=now + CLAIM)
+                .returning(OutboxMessage),
+                execution_options={"synchronize_session": False}))
+            return sorted(claimed, key=lambda item: item.id)
 
-    async def requeue_interrupted(self) -> None:
-        """Messages left `sending` by a stopped gateway are tried again."""
+    async def release(self, claimed: Sequence[OutboxMessage]) -> None:
+        """Give back claims not carried through (on shutdown): due again at once.
+
+        Only claims still ours: one that ran out and was taken by another
+        gateway (its claim has another expiry) is left alone.
+        """
+        if not claimed:
+            return
         async with self.db.write() as session:
-            await session.execute(update(OutboxMessage).where(
-                OutboxMessage.status == "sending").values(status="queued"))
+            for item in claimed:
+                await session.execute(update(OutboxMessage).where(
+                    OutboxMessage.id == item.id, OutboxMessage.status == "sending",
+                    OutboxMessage.next_attempt == item.next_attempt,
+                ).values(status="queued", next_attempt=utcnow(),
+                         attempts=OutboxMessage.attempts - 1))
 
     async def sent(self, item_id: int, note: str | None = None) -> None:
         await self._set(item_id, status="sent", sent_at=utcnow(), last_error=note)

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from atsmail.config import MirrorConfig, OAuthConfig, SecretsConfig
 from atsmail.gateway import mirror
@@ -23,6 +25,7 @@ from atsmail.secrets import Secrets
 from atsmail.storage import Store, mailboxes
 from atsmail.storage.capture import Capture, Prepared
 from atsmail.storage.mailboxes import Account, Mailboxes
+from atsmail.storage.models import Mailbox, utcnow
 from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
 from tests.dovecot import Dovecot
 from tests.oauth import TokenService
@@ -376,3 +379,26 @@ async def test_a_token_the_server_refuses_is_refreshed_and_the_login_tried_again
     # The dropped session shows once IDLE times out (command_timeout).
     await eventually(lambda: _threads(team, "C-1", 1), seconds=30)
     assert token_service.refreshes.count(address) == 2
+
+
+async def test_a_mailbox_whose_lease_another_gateway_took_is_no_longer_watched(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot) -> None:
+    """As when this gateway stalled past its lease and another took the mailbox."""
+    alice, password, gateway = mirrored
+    assert gateway.mirror is not None and list(gateway.mirror.watchers) == [alice]
+    async with team.db.write() as session:
+        await session.execute(update(Mailbox).where(Mailbox.address == alice).values(
+            lease_holder="elsewhere:1:abcdef", lease_until=utcnow() + timedelta(minutes=5)))
+
+    async def dropped() -> bool:
+        assert gateway.mirror is not None
+        return not gateway.mirror.watchers
+
+    await eventually(dropped)
+    await asyncio.to_thread(dovecot.deliver, alice, password,
+                            make_mail(ADA, alice, "For the other gateway"))
+    await asyncio.sleep(1.5)
+    assert await team.threads("C-1") == []
+    # Released (the other gateway stopped): taken back, and the mail is captured.
+    await Mailboxes(team.db).release("elsewhere:1:abcdef")
+    await eventually(lambda: _threads(team, "C-1", 1))

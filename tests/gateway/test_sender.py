@@ -440,3 +440,22 @@ async def test_an_expired_or_refused_access_token_is_refreshed(
     assert token_service.refreshes.count(olga) == 3
     assert submission.refused_tokens == 1
     assert len(submission.messages) == 3
+
+
+async def test_two_gateways_on_one_store_send_each_message_once(
+        gateway_factory: GatewayFactory, team: Store, secrets_config: SecretsConfig,
+        sink: Sink) -> None:
+    await Mailboxes(team.db).set_hosted_identity("recruiter@example.com", "rita@hosted.example")
+    items = [await queue(team, "recruiter@example.com", [ADA], f"Interview {n}", candidate="C-1")
+             for n in range(16)]
+    for _ in range(2):
+        await gateway_factory(secrets=secrets_config)
+
+    async def all_sent() -> bool:
+        return all(i.status == "sent" for i in await Outbox(team.db).all())
+
+    await eventually(all_sent, 20)
+    ids = [read_message(m.content).message_id for m in sink.messages]
+    assert sorted(ids) == sorted(i.message_id for i in items)  # each once
+    assert {i.attempts for i in await Outbox(team.db).all()} == {1}
+    assert sum(t.message_count for t in await team.threads("C-1")) == len(items)
