@@ -27,9 +27,34 @@ def _is_current(connection: Connection) -> bool:
     return MigrationContext.configure(connection).get_current_revision() == head
 
 
+class MigrationError(RuntimeError):
+    pass
+
+
 async def migrate(db: Database) -> None:
-    async with db.writer.begin() as conn:
-        await conn.run_sync(_upgrade)
+    async with db.writer.connect() as conn:
+        driver = None
+        if db.is_sqlite:
+            # SQLite changes a table by building a new one and dropping the
+            # old, and dropping a table with foreign keys enforced deletes the
+            # rows that point into it (ON DELETE CASCADE): a thread table
+            # rebuilt would take every captured message with it. So they are
+            # off while migrating (outside a transaction, or it is a no-op) and
+            # checked before the commit.
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            async with conn.begin():
+                await conn.run_sync(_upgrade)
+                if driver is not None:
+                    broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise MigrationError(f"the upgrade would leave rows pointing nowhere: "
+                                             f"{broken[:5]}")
+        finally:
+            if driver is not None:
+                await driver.execute("PRAGMA foreign_keys=ON")
 
 
 async def is_current(db: Database) -> bool:
