@@ -1,0 +1,167 @@
+"""The relay's DATA reader: pieces, not lines, with aiosmtpd's rules.
+
+Sent over a plain socket in awkward pieces (one byte at a time, the end
+marker split, stuffed dots at the edges of what arrives), to the real relay
+in front of a real sink and store: what the sink gets and what is captured
+must be the message, byte for byte, without its transparency dots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+
+import pytest
+
+from atsmail.gateway.relay import MAX_LINE, _line_lengths
+from atsmail.gateway.server import Gateway
+from atsmail.storage import Store
+from tests.conftest import GatewayFactory, Sink, make_mail
+from tests.gateway.test_hostile_input import (
+    ADA,
+    RECRUITER,
+    Wire,
+    captured,
+    code,
+    crlf,
+    still_serving,
+)
+
+
+def stuffed(raw: bytes) -> bytes:
+    """`raw` as a client sends it after DATA: dots doubled, the end marker added."""
+    return b"." + raw[1:].replace(b"\r\n.", b"\r\n..") if raw.startswith(b".") else (
+        raw.replace(b"\r\n.", b"\r\n..")) + b".\r\n"
+
+
+def dotted(lines: int = 40_000) -> bytes:
+    """A candidate mail of about 2 MB whose lines often start or end with a dot."""
+    body = "".join(
+        (".leading dot {0}\n" if n % 3 == 0 else "..two dots {0}.\n" if n % 3 == 1
+         else "ends with a dot {0}.\n").format(n) + "x" * 30 + "\n" for n in range(lines))
+    return crlf(make_mail(RECRUITER, ADA, "Dots", body))
+
+
+@pytest.mark.parametrize(("unfinished", "piece", "expected"), [
+    (0, b"abc", (3, 3)),
+    (5, b"abc", (8, 8)),
+    (5, b"ab\r\ncd", (2, 8)),
+    (0, b"a\n" + b"b" * 2000 + b"\nc", (1, 2000)),
+    (0, b"\n" * 3000, (0, 0)),
+    (MAX_LINE, b"\r\n", (0, MAX_LINE + 1)),
+])
+def test_line_lengths_carry_across_pieces(unfinished: int, piece: bytes,
+                                          expected: tuple[int, int]) -> None:
+    assert _line_lengths(unfinished, piece) == expected
+
+
+@pytest.mark.parametrize("piece_size", [1, 7, 4096, 1 << 20])
+async def test_a_message_sent_in_any_pieces_arrives_whole_and_unstuffed(
+        relay: Gateway, sink: Sink, team: Store, piece_size: int) -> None:
+    raw = dotted(lines=400 if piece_size < 10 else 40_000)
+    wire = await Wire.open(relay.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    data = stuffed(raw)
+    for start in range(0, len(data), piece_size):
+        wire.writer.write(data[start:start + piece_size])
+        if piece_size < 10:
+            await asyncio.sleep(0)
+    await wire.writer.drain()
+    assert code(await wire.reply()) == 250
+    assert [m.content for m in sink.messages] == [raw]
+    assert await captured(team) == [raw]
+    await still_serving(relay.relay.port, sink, team, wire)
+    await wire.close()
+
+
+async def test_the_end_marker_split_at_every_byte_still_ends_the_data(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = crlf(make_mail(RECRUITER, ADA, "Split end", "last line.\n"))
+    wire = await Wire.open(relay.relay.port)
+    for cut in range(1, 5):
+        await wire.transaction(RECRUITER, [ADA])
+        end = b"\r\n.\r\n"
+        wire.writer.write(raw[:-2] + end[:cut])
+        await wire.writer.drain()
+        await asyncio.sleep(0.05)
+        assert await wire.silent(0.1)
+        wire.writer.write(end[cut:])
+        assert code(await wire.reply()) == 250
+    assert [m.content for m in sink.messages] == [raw] * 4
+    await wire.close()
+
+
+async def test_commands_pipelined_after_the_end_of_data_are_answered(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = crlf(make_mail(RECRUITER, ADA, "Pipelined"))
+    wire = await Wire.open(relay.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    wire.writer.write(raw + b".\r\nRSET\r\nNOOP\r\n")
+    assert code(await wire.reply()) == 250
+    assert (await wire.reply()).startswith(b"250")
+    assert (await wire.reply()).startswith(b"250")
+    assert [m.content for m in sink.messages] == [raw]
+    await wire.close()
+
+
+async def test_a_line_of_1000_bytes_passes_and_one_of_1001_is_refused_after_the_data(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    head = crlf(make_mail(RECRUITER, ADA, "Long lines", ""))
+    longest = head + b"y" * (MAX_LINE - 1) + b"\r\n"
+    too_long = head + b"y" * MAX_LINE + b"\r\n"
+    wire = await Wire.open(relay.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    assert code(await wire.send(longest + b".\r\n")) == 250
+    await wire.transaction(RECRUITER, [ADA])
+    # Sent in pieces that split the long line: refused only once the data ended.
+    for start in range(0, len(too_long), 300):
+        wire.writer.write(too_long[start:start + 300])
+    reply = await wire.send(b".\r\n")
+    assert reply.startswith(b"554 5.6.0")
+    assert [m.content for m in sink.messages] == [longest]
+    await still_serving(relay.relay.port, sink, team, wire)
+    await wire.close()
+
+
+async def test_oversized_data_is_read_to_its_end_then_refused_with_552_5_3_4(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
+    gateway = await gateway_factory(max_message_size=100_000)
+    raw = crlf(make_mail(RECRUITER, ADA, "Too big", ("z" * 70 + "\n") * 2_000))
+    wire = await Wire.open(gateway.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    reply = await wire.send(raw + b".\r\n")
+    assert reply.startswith(b"552 5.3.4")
+    assert sink.messages == [] and await captured(team) == []
+    await still_serving(gateway.relay.port, sink, team, wire)
+    await wire.close()
+
+
+async def test_a_long_message_with_bare_lf_line_ends_is_taken_as_smtplib_sends_it(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    # smtplib.sendmail sends bytes as they are: lines ended by a bare LF,
+    # its own <CR><LF>.<CR><LF> at the end.
+    raw = make_mail(RECRUITER, ADA, "LF lines", ("w" * 70 + "\n") * 2_000)
+    assert b"\r" not in raw
+
+    def send() -> dict[str, tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", relay.relay.port, timeout=30) as client:
+            return client.sendmail(RECRUITER, [ADA], raw)
+
+    assert await asyncio.to_thread(send) == {}
+    # ... and the <CR><LF> smtplib adds makes an empty last line.
+    delivered = crlf(raw) + b"\r\n"
+    assert [m.content for m in sink.messages] == [delivered]
+    assert await captured(team) == [delivered]
+
+
+async def test_a_client_gone_mid_data_leaves_nothing_behind(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    raw = crlf(make_mail(RECRUITER, ADA, "Cut off", ("v" * 70 + "\n") * 5_000))
+    wire = await Wire.open(relay.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    wire.writer.write(raw[: len(raw) // 2])
+    await wire.writer.drain()
+    wire.writer.close()
+    await asyncio.sleep(0.3)
+    assert sink.messages == [] and await captured(team) == []
+    await still_serving(relay.relay.port, sink, team)
