@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import bindparam, delete, exists, insert, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -95,6 +96,9 @@ class Prepared:
     # This attempt holds the pending copy: its discard counts, and the copy
     # goes only when no attempt holds it any more and none confirmed it.
     held: bool = True
+    # The message, when this attempt stored it in pieces (_fill_blob): so is it
+    # stored again on confirming, as a state change would read all of it.
+    raw: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class _Operation:
     kind: Literal["prepare", "confirm", "discard"]
     capture: Capture | None = None
     pk: int = 0
+    raw: bytes | None = None
 
 
 class CaptureWriter:
@@ -127,7 +132,7 @@ class CaptureWriter:
         return prepared
 
     async def confirm(self, prepared: Prepared) -> None:
-        await self._submit(_Operation("confirm", pk=prepared.pk))
+        await self._submit(_Operation("confirm", pk=prepared.pk, raw=prepared.raw))
 
     async def discard(self, prepared: Prepared) -> None:
         if prepared.held:
@@ -143,18 +148,23 @@ class CaptureWriter:
     async def _run(self) -> None:
         stopping = False
         while not stopping:
-            item = await self._queue.get()
-            group: list[tuple[_Operation, asyncio.Future[Any]]] = []
-            while True:
-                if item is None:
-                    stopping = True
-                else:
-                    group.append(item)
-                if len(group) >= MAX_GROUP or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
+            group, stopping = await self._next_group()
             if group:
                 await self._commit(group)
+            # Not kept while waiting for the next: it holds whole messages.
+            del group
+
+    async def _next_group(self) -> tuple[list[tuple[_Operation, asyncio.Future[Any]]], bool]:
+        """The operations waiting now (at least one), and whether to stop after them."""
+        item = await self._queue.get()
+        group: list[tuple[_Operation, asyncio.Future[Any]]] = []
+        while True:
+            if item is None:
+                return group, True
+            group.append(item)
+            if len(group) >= MAX_GROUP or self._queue.empty():
+                return group, False
+            item = self._queue.get_nowait()
 
     async def _commit(self, group: list[tuple[_Operation, asyncio.Future[Any]]]) -> None:
         operations = [op for op, _ in group]
@@ -197,12 +207,13 @@ _SOURCES_OF = (select(MessageSource.message_pk, MessageSource.source, MessageSou
 _ADD_SOURCES = insert(MessageSource)
 # Only a pending copy turns confirmed: a message seen again (already
 # confirmed) changes nothing and reports nothing a second time.
+_CONFIRMED = (CapturedMessage.id, CapturedMessage.message_id, CapturedMessage.thread_id,
+              CapturedMessage.direction, CapturedMessage.subject, CapturedMessage.date)
 _CONFIRM = (update(CapturedMessage)
             .where(CapturedMessage.id.in_(bindparam("pks", expanding=True)),
                    CapturedMessage.state == "pending")
             .values(state="confirmed")
-            .returning(CapturedMessage.id, CapturedMessage.message_id, CapturedMessage.thread_id,
-                       CapturedMessage.direction, CapturedMessage.subject, CapturedMessage.date))
+            .returning(*_CONFIRMED))
 _KINDS_OF_SOURCES = (select(MessageSource.message_pk, MessageSource.source).distinct()
                      .where(MessageSource.message_pk.in_(bindparam("pks", expanding=True))))
 _THREAD_OF = select(CapturedMessage.thread_id).where(CapturedMessage.id == bindparam("pk"))
@@ -212,6 +223,16 @@ _RELEASE = (update(CapturedMessage)
 _DELETE = delete(CapturedMessage).where(CapturedMessage.id == bindparam("pk"),
                                         CapturedMessage.state == "pending",
                                         CapturedMessage.holders <= 0)
+# A zeroblob for a message written in pieces; replacing the column (rather than
+# leaving it) spares SQLite reading what the row held.
+_ZEROBLOB = update(CapturedMessage).where(CapturedMessage.id == bindparam("pk")).values(
+    raw=func.zeroblob(bindparam("length")))
+# No RETURNING: for it SQLite makes the whole new row, zeroblob and all.
+_CONFIRM_REWRITING = (update(CapturedMessage)
+                      .where(CapturedMessage.id == bindparam("pk"),
+                             CapturedMessage.state == "pending")
+                      .values(state="confirmed", raw=func.zeroblob(bindparam("length"))))
+_CONFIRMED_ROW = select(*_CONFIRMED).where(CapturedMessage.id == bindparam("pk"))
 _THREAD_USED = select(exists().where(CapturedMessage.thread_id == bindparam("tid")))
 _DELETE_THREAD = delete(Thread).where(Thread.id == bindparam("tid"))
 
@@ -232,7 +253,8 @@ def apply(conn: Connection, operations: list[_Operation]) -> list[Prepared | Non
         _prepare(conn, prepares, results)
     confirms = [op.pk for op in operations if op.kind == "confirm"]
     if confirms:
-        _confirm(conn, confirms)
+        _confirm(conn, confirms, {op.pk: op.raw for op in operations
+                                  if op.kind == "confirm" and op.raw is not None})
     return results
 
 
@@ -248,13 +270,28 @@ def keep(conn: Connection, captures: list[Capture]) -> list[Prepared]:
         return []
     results = apply(conn, [_Operation("prepare", capture=c) for c in captures])
     kept = [r for r in results if r is not None]
-    _confirm(conn, sorted({r.pk for r in kept}))
+    _confirm(conn, sorted({r.pk for r in kept}), {r.pk: r.raw for r in kept if r.raw is not None})
     return kept
 
 
-def _confirm(conn: Connection, pks: list[int]) -> None:
-    """Confirm pending copies, and record `message.captured` for each in the same commit."""
-    confirmed = conn.execute(_CONFIRM, {"pks": pks}).all()
+def _confirm(conn: Connection, pks: list[int], rewrites: dict[int, bytes]) -> None:
+    """Confirm pending copies, and record `message.captured` for each in the same commit.
+
+    The copies in `rewrites` (large ones, on SQLite) are stored again as they
+    are confirmed: cheaper than SQLite reading all of one to change its state.
+    """
+    confirmed = []
+    blobs = _writes_blobs(conn) if rewrites else None
+    if blobs is not None:
+        for pk, raw in rewrites.items():
+            if conn.execute(_CONFIRM_REWRITING, {"pk": pk, "length": len(raw)}).rowcount:
+                _fill_blob(blobs, pk, raw)
+                confirmed.append(conn.execute(_CONFIRMED_ROW, {"pk": pk}).one())
+    else:
+        rewrites = {}
+    rest = [pk for pk in pks if pk not in rewrites]
+    if rest:
+        confirmed += conn.execute(_CONFIRM, {"pks": rest}).all()
     if not confirmed:
         return
     ids = [row.id for row in confirmed]
@@ -313,11 +350,17 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
                 for key, firsts in opening.items()]).scalars()
             for firsts, thread_id in zip(opening.values(), ids, strict=True):
                 thread_of.update(dict.fromkeys(firsts, thread_id))
+        blobs = _writes_blobs(conn)
         pks = conn.execute(_NEW_MESSAGES, [
-            _message_row(c, thread_of[i], when[i]) for i, c in new]).scalars().all()
+            _message_row(c, thread_of[i], when[i], blobs) for i, c in new]).scalars().all()
         for (i, c), pk in zip(new, pks, strict=True):
             stored[c.facts.capture_key] = pk
-            results[i] = Prepared(pk, created=True)
+            if blobs is not None and len(c.raw) > BLOB_PIECE:
+                conn.execute(_ZEROBLOB, {"pk": pk, "length": len(c.raw)})
+                _fill_blob(blobs, pk, c.raw)
+                results[i] = Prepared(pk, created=True, raw=c.raw)
+            else:
+                results[i] = Prepared(pk, created=True)
     for i, capture in prepares:
         if results[i] is None:
             pk = stored[capture.facts.capture_key]
@@ -360,7 +403,32 @@ def _keyed_threads(conn: Connection, captures: list[tuple[int, Capture]]) -> dic
     return {i: found[key] for i, key in keys.items() if key in found}
 
 
-def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, Any]:
+# Messages larger than this are written to SQLite a piece at a time.
+BLOB_PIECE = 1024 * 1024
+
+
+def _writes_blobs(conn: Connection) -> sqlite3.Connection | None:
+    """The SQLite connection under `conn`, which can write a message in pieces.
+
+    Bound as a parameter, a message is copied twice inside SQLite (the bound
+    value, then the row made of it): 60 MB for a 30 MB message. Written into
+    a zeroblob of its size through an incremental blob handle, it costs SQLite
+    a page cache's worth.
+    """
+    driver = conn.connection.driver_connection
+    return driver if isinstance(driver, sqlite3.Connection) else None
+
+
+def _fill_blob(driver: sqlite3.Connection, pk: int, raw: bytes) -> None:
+    """Write `raw` into the zeroblob of its size that message `pk` holds."""
+    view = memoryview(raw)
+    with driver.blobopen(CapturedMessage.__tablename__, "raw", pk) as blob:
+        for start in range(0, len(raw), BLOB_PIECE):
+            blob.write(view[start:start + BLOB_PIECE])
+
+
+def _message_row(capture: Capture, thread_id: int, when: datetime,
+                 blobs: sqlite3.Connection | None) -> dict[str, Any]:
     facts, decision = capture.facts, capture.decision
     return {
         "thread_id": thread_id,
@@ -376,7 +444,8 @@ def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, 
         # Without a Date header, the time it passed through us.
         "date": when,
         "size": facts.size,
-        "raw": capture.raw,
+        # A large one is written after the row (_fill_blob).
+        "raw": b"" if blobs is not None and len(capture.raw) > BLOB_PIECE else capture.raw,
         "trace": [t.to_json() for t in decision.trace],
     }
 
