@@ -164,8 +164,10 @@ def serve(ctx: click.Context, verbose: bool, workers: int, relay_fds: tuple[int,
     """Run the gateway until SIGTERM or SIGINT."""
     from atsmail.gateway.server import serve as run_gateway
     from atsmail.gateway.server import serve_relay_worker
+    from atsmail.malloc import keep_large_buffers_unmapped
 
     config = _config(ctx)
+    keep_large_buffers_unmapped()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s")
     # aiosmtpd logs every command at INFO; keep that for --verbose.

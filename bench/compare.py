@@ -18,8 +18,10 @@ after answering) and the ratio of atsmail to Postfix. The store holds
 
 A latency line follows: one session sending `--latency-messages` 10 KB
 messages, timed from MAIL FROM to the 250 after DATA by `bench/relay.py`'s
-load generator, straight to the sink and through atsmail; the difference
-of the 99th percentiles is what the relay adds.
+load generator, straight to the sink, into Postfix (which answers once the
+message is in its queue, fsynced) and through atsmail (which answers once the
+sink has answered and the capture is committed, fsynced twice); the
+difference of the 99th percentiles is what each adds.
 
 Needs Postfix (Debian package `postfix`, whose master starts as root).
 """
@@ -173,10 +175,13 @@ def run(opts: argparse.Namespace) -> int:
                           flush=True)
 
             straight = latency(sink_port, opts.latency_messages, opts.candidates, "direct")
+            queued = latency(mta_port, opts.latency_messages, opts.candidates, "postfix")
             relayed_load = latency(relay_port, opts.latency_messages, opts.candidates, "relay")
             print(f"\nlatency, one session, 10 KB: p99 {p99(straight):.1f} ms straight to the "
-                  f"sink, {p99(relayed_load):.1f} ms through atsmail: "
-                  f"{p99(relayed_load) - p99(straight):.1f} ms added at p99")
+                  f"sink; through Postfix {p99(queued):.1f} ms "
+                  f"({p99(queued) - p99(straight):+.1f} ms, to its queue); through atsmail "
+                  f"{p99(relayed_load):.1f} ms ({p99(relayed_load) - p99(straight):+.1f} ms, "
+                  f"to the sink, captured)")
             stop_process(gateway)
             captured, _ = captured_count(config)
             expected = sent + opts.latency_messages // 2

@@ -171,8 +171,10 @@ smtp_connect_timeout = 5s
             f"{HOST}:{port} inet n - n - - smtpd\n" + self.SERVICES)
 
     def start(self, procs: Processes) -> None:
-        subprocess.run(["postfix", "-c", str(self.conf), "set-permissions"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(["postfix", "-c", str(self.conf), "set-permissions"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"postfix set-permissions failed:\n{done.stdout}{done.stderr}")
         process, log = procs.start("postfix", ["postfix", "-c", str(self.conf), "start-fg"])
         wait_for_port(self.port, process, log)
         self.process = process

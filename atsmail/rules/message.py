@@ -68,6 +68,10 @@ _MAX_BLOCKS = 20
 _BLOCK_SPAN = 1500
 # Plain text longer than this is not searched for inline forwards.
 _TEXT_SCAN_LIMIT = 256 * 1024
+# Only the start of a message is read for a forward: its own text and the
+# headers of a forwarded message come first, and parsing costs several times
+# what it reads (a 30 MB attachment would cost 100 MB to parse).
+FORWARD_SCAN_LIMIT = 2 * 1024 * 1024
 # A body with more multipart boundaries than this is not read for a forward:
 # the email parser checks every line against every open boundary, so hostile
 # nesting costs it time quadratic in the depth (a second for a 60 KB message
@@ -117,12 +121,13 @@ class MessageFacts:
     @cached_property
     def forward(self) -> Forward:
         """Read from the body on first use, and only when a forward is possible."""
-        if not might_forward(self.subject, self.raw):
+        start = self.raw[:FORWARD_SCAN_LIMIT]
+        if not might_forward(self.subject, start):
             return Forward()
-        if self.raw.lower().count(b"boundary") > _MAX_BOUNDARIES:
+        if start.lower().count(b"boundary") > _MAX_BOUNDARIES:
             return Forward(subject_prefix=bool(FORWARD_SUBJECT.match(self.subject)))
         try:
-            return _read_forward(BytesParser(policy=compat32).parsebytes(self.raw), self.subject)
+            return _read_forward(BytesParser(policy=compat32).parsebytes(start), self.subject)
         except RecursionError:
             # The email parser recurses per MIME level; hostile nesting is not
             # read as a forward rather than failing the message.
@@ -336,7 +341,7 @@ def might_forward(subject: str, raw: bytes) -> bool:
     """Cheap signs that reading the body for a forward is worth it."""
     if FORWARD_SUBJECT.match(subject):
         return True
-    lowered = raw.lower()
+    lowered = raw[:FORWARD_SCAN_LIMIT].lower()
     return any(hint in lowered for hint in FORWARD_HINTS)
 
 

@@ -1,0 +1,23 @@
+"""The memory benchmark runs end to end (its figures are for the README, not asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_memory_bench_relays_both_messages_and_prints_its_table() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--size", "3000000",
+         "--sessions", "10", "--no-check"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert any("MiB message, captured" in line for line in lines)
+    assert any("MiB message, passed on" in line for line in lines)
+    assert any(line.startswith("10 idle sessions") for line in lines)
