@@ -61,13 +61,14 @@ def _lost_race(exc: DBAPIError) -> bool:
             or getattr(exc.orig, "sqlstate", None) in RETRYABLE_STATES)
 
 
-async def commit_captures(db: Database, work: Callable[[Connection], T]) -> T:
+async def commit_captures(db: Database, work: Callable[[Connection], T],
+                          flush: bool = True) -> T:
     """`work` in one write transaction, made again when it lost a race to another
     gateway's transaction over the same message."""
     attempt = 1
     while True:
         try:
-            return await db.run(work, write=True)
+            return await db.run(work, write=True, flush=flush)
         except DBAPIError as exc:
             if attempt >= CONFLICT_ATTEMPTS or not _lost_race(exc):
                 raise
@@ -169,7 +170,12 @@ class CaptureWriter:
     async def _commit(self, group: list[tuple[_Operation, asyncio.Future[Any]]]) -> None:
         operations = [op for op, _ in group]
         try:
-            results = await commit_captures(self.db, lambda conn: apply(conn, operations))
+            # Pending copies alone need not wait for the disk: the relay
+            # answers 250 only after confirming, a flushed commit that takes
+            # them to disk too; what a crash undoes before, the client sends again.
+            results = await commit_captures(
+                self.db, lambda conn: apply(conn, operations),
+                flush=any(op.kind != "prepare" for op in operations))
         except Exception as exc:
             if len(group) == 1:
                 if not group[0][1].done():

@@ -104,16 +104,37 @@ class Database:
         self._write_sessions = async_sessionmaker(self.writer, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.reader, expire_on_commit=False)
 
-    async def run(self, work: Callable[[Connection], T], write: bool) -> T:
-        """`work(connection)` in one transaction, committed when it returns."""
+    async def run(self, work: Callable[[Connection], T], write: bool,
+                  flush: bool = True) -> T:
+        """`work(connection)` in one transaction, committed when it returns.
+
+        With `flush` False the commit does not wait for the disk: it is
+        atomic and seen at once, and on disk by the next flushed commit (the
+        write-ahead log is written in order), but a power loss before that
+        may undo it. For writes that nothing is promised on until a later
+        flushed commit.
+        """
         if not self._sync_engines:
             async with self.writer.begin() as conn:
+                if not flush:
+                    await conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 return await conn.run_sync(work)
         engine = self._sync_engines[write]
 
         def in_transaction() -> T:
-            with engine.begin() as conn:
-                return work(conn)
+            if flush:
+                with engine.begin() as conn:
+                    return work(conn)
+            with engine.connect() as conn:
+                # Not inside a transaction: SQLite refuses it there.
+                driver = conn.connection.driver_connection
+                assert driver is not None
+                driver.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    with conn.begin():
+                        return work(conn)
+                finally:
+                    driver.execute("PRAGMA synchronous=FULL")
 
         return await asyncio.get_running_loop().run_in_executor(
             self._threads[write], in_transaction)

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import Connection
 
 from atsmail.gateway.sender import queue_message
 from atsmail.rules import Context, decide, read_message
@@ -268,3 +269,16 @@ async def test_hosted_identities_are_refused_on_candidates_like_team_addresses(
     await Mailboxes(team.db).set_hosted_identity(RECRUITER, "rita@hosted.example")
     with pytest.raises(UserError, match="hosted identity"):
         await team.add_candidate("C-H", "Hosted", ["rita@hosted.example"])
+
+
+async def test_a_commit_that_need_not_flush_leaves_later_commits_flushed(store: Store) -> None:
+    def synchronous(conn: Connection) -> str:
+        setting = "synchronous" if store.db.is_sqlite else "synchronous_commit"
+        return str(conn.exec_driver_sql(
+            f"PRAGMA {setting}" if store.db.is_sqlite else f"SHOW {setting}").scalar_one())
+
+    # During: SQLite's NORMAL (1), PostgreSQL's off; after: FULL (2), on.
+    assert await store.db.run(synchronous, write=True, flush=False) in ("1", "off")
+    assert await store.db.run(synchronous, write=True) in ("2", "on")
+    await store.add_job("J9", "Kept")
+    assert (await store.job("J9"))[0].title == "Kept"
