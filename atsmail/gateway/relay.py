@@ -113,6 +113,8 @@ class RelaySession(Session):
         self.delivery: asyncio.Task[str] | None = None
         # RCPT commands in the current transaction.
         self.rcpt_attempts = 0
+        # Whether the client's address is in allowed_networks, once it is known.
+        self.trusted = False
 
 
 class RelayProtocol(SMTP):
@@ -131,6 +133,8 @@ class RelayProtocol(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         previous = self.session
         super().connection_made(transport)
+        assert isinstance(self.session, RelaySession)
+        self.session.trusted = self.event_handler.trusted_peer(self.session)
         if isinstance(previous, RelaySession) and previous is not self.session:
             # STARTTLS starts the session afresh (RFC 3207), the upstream too.
             self.event_handler.close_upstream(previous)
@@ -139,7 +143,7 @@ class RelayProtocol(SMTP):
     async def _handle_client(self) -> None:
         # Before the greeting: a client over its connection rate gets 421 and
         # nothing else, as RFC 5321 has a server that will not serve say.
-        assert self.session is not None
+        assert isinstance(self.session, RelaySession)
         if self.event_handler.over_limit(self.session, "connections"):
             await self.push(TOO_MANY_CONNECTIONS)
             assert self.transport is not None
@@ -345,22 +349,23 @@ class Relay:
 
     # --- the SMTP hooks ------------------------------------------------------
 
-    def _allowed(self, session: Session) -> bool:
+    def _allowed(self, session: RelaySession) -> bool:
         """Whether the client may relay: it logged in, or its network may."""
-        return bool(session.authenticated) or self._trusted(session)
+        return bool(session.authenticated) or session.trusted
 
-    def _trusted(self, session: Session) -> bool:
+    def trusted_peer(self, session: Session) -> bool:
+        """Whether the client's address is in allowed_networks."""
         address = _peer_address(session)
         if address is None:
             return False
         return any(address in network for network in self.relay.allowed_networks)
 
-    def over_limit(self, session: Session, what: str) -> bool:
+    def over_limit(self, session: RelaySession, what: str) -> bool:
         """Count one of `what` for the client; whether that passes its limit.
 
         Clients in allowed_networks (the company's own MTA) are not limited.
         """
-        if self._trusted(session):
+        if session.trusted:
             return False
         address = _peer_address(session)
         if self.limits[what].allow(str(address)):
