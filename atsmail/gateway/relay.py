@@ -19,6 +19,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import ssl
@@ -51,6 +52,12 @@ PARSE_IN_THREAD_ABOVE = 256 * 1024
 SETTLE_ATTEMPTS = 4
 # How often team members and internal domains are reloaded from the store.
 DIRECTORY_REFRESH = 1.0
+# Upstream connections a client session has finished with are kept for the
+# next one, as Postfix's SMTP client keeps them (smtp_connection_cache_time_limit):
+# most clients send one message a connection, and a new upstream session
+# costs a connect, EHLO and QUIT. At most this many, for this many seconds.
+IDLE_UPSTREAMS = 16
+IDLE_UPSTREAM_TIME = 5.0
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
@@ -252,6 +259,9 @@ class Relay:
         self._servers: list[asyncio.Server] = []
         self.directory = Directory()
         self._refresher: asyncio.Task[None] | None = None
+        # Upstream sessions at rest, and since when (newest last).
+        self._idle: list[tuple[float, UpstreamSession]] = []
+        self._stopping = False
         self.tls = _server_tls(self.relay)
         # Team members' API tokens (by digest), the relay's SMTP AUTH logins.
         self.logins: dict[str, str] = {}
@@ -267,7 +277,8 @@ class Relay:
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         """Listen on `relay.listen`, or accept from `sockets` another process listens on."""
         await self.refresh_directory()
-        self._refresher = asyncio.create_task(self._keep_directory_fresh())
+        self._stopping = False
+        self._refresher = asyncio.create_task(self._every_second())
         loop = asyncio.get_running_loop()
         if sockets:
             self._servers = [await loop.create_server(self._protocol, sock=s) for s in sockets]
@@ -296,6 +307,7 @@ class Relay:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish (bounded), then close."""
+        self._stopping = True
         for server in self._servers:
             server.close()
         deadline = asyncio.get_running_loop().time() + (
@@ -307,6 +319,7 @@ class Relay:
         for protocol in list(self.sessions):
             if protocol.transport is not None:
                 protocol.transport.close()
+        self._let_idle_go(everyone=True)
         if self._tasks:
             await asyncio.wait(self._tasks)
         for server in self._servers:
@@ -322,9 +335,10 @@ class Relay:
         if self.auth_offered:
             self.logins = await self.store.db.run(relay_logins, write=False)
 
-    async def _keep_directory_fresh(self) -> None:
+    async def _every_second(self) -> None:
         while True:
             await asyncio.sleep(DIRECTORY_REFRESH)
+            self._let_idle_go()
             try:
                 await self.refresh_directory()
             except Exception:
@@ -337,15 +351,38 @@ class Relay:
         return task
 
     def close_upstream(self, session: RelaySession) -> None:
+        """The session is done with its upstream connection: keep it for another, or close it."""
         upstream, session.upstream = session.upstream, None
         if upstream is None:
             return
         delivery = session.delivery
         if delivery is not None and not delivery.done():
             # Let the upstream answer the message in flight first.
-            delivery.add_done_callback(lambda _: self._spawn(upstream.close()))
+            delivery.add_done_callback(lambda _: self._rest(upstream))
+        else:
+            self._rest(upstream)
+
+    def _rest(self, upstream: UpstreamSession) -> None:
+        if (upstream.usable and not upstream.in_transaction and not self._stopping
+                and len(self._idle) < IDLE_UPSTREAMS):
+            self._idle.append((asyncio.get_running_loop().time(), upstream))
         else:
             self._spawn(upstream.close())
+
+    def _rested(self) -> UpstreamSession | None:
+        """The upstream connection that rested least, if one is still good."""
+        self._let_idle_go()
+        while self._idle:
+            _, upstream = self._idle.pop()
+            if upstream.usable:
+                return upstream
+        return None
+
+    def _let_idle_go(self, everyone: bool = False) -> None:
+        """Close the upstream connections that rested too long (or all of them)."""
+        cutoff = math.inf if everyone else asyncio.get_running_loop().time() - IDLE_UPSTREAM_TIME
+        while self._idle and self._idle[0][0] <= cutoff:
+            self._spawn(self._idle.pop(0)[1].close())
 
     # --- the SMTP hooks ------------------------------------------------------
 
@@ -393,8 +430,9 @@ class Relay:
             await session.upstream.reset()
             return session.upstream
         self.close_upstream(session)
-        opened = await open_session(self.relay.upstream, self.relay.upstream_timeout,
-                                    self.relay.data_timeout, self.hostname)
+        opened = self._rested() or await open_session(
+            self.relay.upstream, self.relay.upstream_timeout, self.relay.data_timeout,
+            self.hostname)
         if isinstance(opened, Reply):
             return opened
         session.upstream = opened
@@ -473,6 +511,12 @@ class Relay:
         session.delivery = self._spawn(
             self._relay_message(upstream, envelope, trusted=self._allowed(session)))
         return await asyncio.shield(session.delivery)
+
+    async def handle_EHLO(self, server: SMTP, session: RelaySession, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # One write for the whole answer: aiosmtpd writes each line on its own.
+        return ["\r\n".join(responses)]
 
     async def handle_RSET(self, server: SMTP, session: RelaySession,
                           envelope: Envelope) -> str:
