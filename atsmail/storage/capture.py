@@ -377,18 +377,22 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
             results[i] = Prepared(pk, created=False, held=pk in pending)
     # A copy seen again may concern more candidates (an MTA splits one
     # message's recipients over transactions): link the ones it lacks.
+    # (Rows stored just now have none yet: no need to look.)
+    created = {r.pk for r in results if r is not None and r.created}
     wanted_links = {(stored[c.facts.capture_key], candidate)
                     for _, c in prepares for candidate in c.decision.candidates}
+    older = list({pk for pk, _ in wanted_links} - created)
     have_links = {(pk, candidate) for pk, candidate in conn.execute(
-        _LINKS_OF, {"pks": list({pk for pk, _ in wanted_links})})}
+        _LINKS_OF, {"pks": older})} if older else set()
     if wanted_links - have_links:
         conn.execute(_LINK, [{"message_pk": pk, "candidate_id": candidate}
                              for pk, candidate in sorted(wanted_links - have_links)])
     # The same message seen again (a retry, a Sent copy the relay also saw)
     # is stored once and gains the new source.
     seen = {(stored[c.facts.capture_key], c.source, c.mailbox) for _, c in prepares}
+    older = list({pk for pk, _, _ in seen} - created)
     known = {(pk, source, mailbox) for pk, source, mailbox in conn.execute(
-        _SOURCES_OF, {"pks": list({pk for pk, _, _ in seen})})}
+        _SOURCES_OF, {"pks": older})} if older else set()
     if seen - known:
         conn.execute(_ADD_SOURCES, [{"message_pk": pk, "source": source, "mailbox": mailbox}
                                     for pk, source, mailbox in sorted(seen - known)])
