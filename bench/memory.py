@@ -46,6 +46,7 @@ from relay import (  # this folder is not a package
     free_port,
     seed_store,
     start_sink,
+    status_kib,
     wait_for_port,
     workspace,
     write_relay_config,
@@ -56,18 +57,18 @@ MESSAGE_GOAL = 3.0
 SESSIONS_GOAL_MIB = 50.0
 
 
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise SystemExit(f"no {field} for process {pid}")
+def gateway_kib(pid: int, field: str) -> int:
+    kib = status_kib(pid, field)
+    if kib is None:
+        raise SystemExit(f"the gateway (process {pid}) is gone")
+    return kib
 
 
 def settled_rss_kib(pid: int, seconds: float = 1.5) -> int:
     """VmRSS once it has stopped moving (the lowest of a few readings)."""
     readings = []
     for _ in range(int(seconds / 0.25)):
-        readings.append(status_kib(pid, "VmRSS"))
+        readings.append(gateway_kib(pid, "VmRSS"))
         time.sleep(0.25)
     return min(readings)
 
@@ -142,7 +143,7 @@ def run(opts: argparse.Namespace) -> int:
                 began = time.monotonic()
                 send(relay_port, sender, recipient, raw)
                 seconds = time.monotonic() - began
-                peak = status_kib(gateway.pid, "VmHWM")
+                peak = gateway_kib(gateway.pid, "VmHWM")
                 above = (peak - idle) * 1024
                 rows.append((f"{len(raw) / MIB:.1f} MiB message, {what}",
                              f"{above / MIB:.1f} MiB", f"{above / len(raw):.2f}x",

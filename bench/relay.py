@@ -112,11 +112,11 @@ def log_tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
-def peak_rss_kib(pid: int) -> int | None:
-    """VmHWM of a live process, in KiB."""
+def status_kib(pid: int, field: str) -> int | None:
+    """A size of a live process from /proc (VmRSS, VmHWM...), in KiB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -518,7 +518,7 @@ def drive(procs: Processes, key: str, name: str, port: int, opts: argparse.Names
             raise SystemExit(f"load generator for {name} died:\n{log_tail(log)}")
         results.append(json.loads(line))
     watchdog.cancel()
-    rss = peak_rss_kib(watched_pid) if watched_pid is not None else None
+    rss = status_kib(watched_pid, "VmHWM") if watched_pid is not None else None
     cpu_after = cpu_seconds(watched_pid) if watched_pid is not None else None
     started = min(r["started"] for r in results if r["started"]) if any(
         r["started"] for r in results) else 0.0

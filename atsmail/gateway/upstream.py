@@ -260,15 +260,21 @@ DATA_PIECE = 256 * 1024
 def _stuffed_pieces(content: bytes) -> Iterator[bytes]:
     """`content` as the data of an SMTP DATA command, in pieces of about
     DATA_PIECE bytes that end at line ends: each line starting with a dot
-    gets another (RFC 5321 4.5.2), and <CR><LF>.<CR><LF> ends it."""
+    gets another (RFC 5321 4.5.2), and <CR><LF>.<CR><LF>, in the last piece,
+    ends it."""
     start = 0
-    while start < len(content):
+    while True:
         cut = content.find(b"\r\n", start + DATA_PIECE)
         end = len(content) if cut < 0 else cut + 2
         piece = content[start:end].replace(b"\r\n.", b"\r\n..")
-        yield b"." + piece if piece.startswith(b".") else piece
+        if piece.startswith(b"."):
+            piece = b"." + piece
+        if end == len(content):
+            ended = not piece or piece.endswith(b"\r\n")
+            yield piece + (b".\r\n" if ended else b"\r\n.\r\n")
+            return
+        yield piece
         start = end
-    yield b".\r\n" if content.endswith(b"\r\n") or not content else b"\r\n.\r\n"
 
 
 def _passed_as_written(address: str) -> bool:

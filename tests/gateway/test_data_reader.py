@@ -12,9 +12,11 @@ import asyncio
 import smtplib
 
 import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from atsmail.gateway.relay import MAX_LINE, _line_lengths
 from atsmail.gateway.server import Gateway
+from atsmail.gateway.upstream import DATA_PIECE, _stuffed_pieces
 from atsmail.storage import Store
 from tests.conftest import GatewayFactory, Sink, make_mail
 from tests.gateway.test_hostile_input import (
@@ -165,3 +167,29 @@ async def test_a_client_gone_mid_data_leaves_nothing_behind(
     await asyncio.sleep(0.3)
     assert sink.messages == [] and await captured(team) == []
     await still_serving(relay.relay.port, sink, team)
+
+
+# What the upstream gets: the same bytes aiosmtplib would write, in pieces.
+
+def as_aiosmtplib_writes(content: bytes) -> bytes:
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(content)) + b".\r\n"
+
+
+@pytest.mark.parametrize("content", [
+    b"Subject: x\r\n\r\nbody\r\n",
+    b"Subject: x\r\n\r\nno line end at the end",
+    b".starts with a dot\r\n.\r\n..\r\nend\r\n",
+    b"x" * 10 + b"\r\n" + (b"." + b"y" * 998 + b"\r\n") * 1_000,
+    (b"a" * (DATA_PIECE - 1) + b"\r\n") * 3 + b".edge\r\n",
+    b"a" * (DATA_PIECE * 2),
+], ids=["plain", "unended", "dots", "dotted-lines", "piece-edges", "one-long-line"])
+def test_the_data_written_upstream_is_stuffed_and_ended_in_its_last_piece(
+        content: bytes) -> None:
+    pieces = list(_stuffed_pieces(content))
+    assert b"".join(pieces) == as_aiosmtplib_writes(content)
+    assert pieces[-1].endswith(b"\r\n.\r\n") and len(pieces[-1]) > 3
+    assert all(piece.endswith(b"\r\n") for piece in pieces)  # cut at line ends
+
+
+def test_empty_data_is_only_the_end_marker() -> None:
+    assert list(_stuffed_pieces(b"")) == [b".\r\n"]
