@@ -121,9 +121,13 @@ def latency(port: int, messages: int, candidates: int, tag: str) -> LoadResult:
     return result
 
 
-def p99(result: LoadResult) -> float:
+def percentile(result: LoadResult, q: float) -> float:
     ordered = sorted(result.latencies_ms)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def p99(result: LoadResult) -> float:
+    return percentile(result, 0.99)
 
 
 def run(opts: argparse.Namespace) -> int:
@@ -177,11 +181,14 @@ def run(opts: argparse.Namespace) -> int:
             straight = latency(sink_port, opts.latency_messages, opts.candidates, "direct")
             queued = latency(mta_port, opts.latency_messages, opts.candidates, "postfix")
             relayed_load = latency(relay_port, opts.latency_messages, opts.candidates, "relay")
-            print(f"\nlatency, one session, 10 KB: p99 {p99(straight):.1f} ms straight to the "
-                  f"sink; through Postfix {p99(queued):.1f} ms "
-                  f"({p99(queued) - p99(straight):+.1f} ms, to its queue); through atsmail "
-                  f"{p99(relayed_load):.1f} ms ({p99(relayed_load) - p99(straight):+.1f} ms, "
-                  f"to the sink, captured)")
+            print("\nlatency, one session, 10 KB, ms (p50 / p90 / p99 / max):")
+            for name, load in (("straight to the sink", straight),
+                               ("through Postfix, to its queue", queued),
+                               ("through atsmail, to the sink, captured", relayed_load)):
+                print(f"  {name}: " + " / ".join(
+                    f"{percentile(load, q):.1f}" for q in (0.5, 0.9, 0.99, 1.0)))
+            print(f"added at p99: Postfix {p99(queued) - p99(straight):+.1f} ms, "
+                  f"atsmail {p99(relayed_load) - p99(straight):+.1f} ms")
             stop_process(gateway)
             captured, _ = captured_count(config)
             expected = sent + opts.latency_messages // 2

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,9 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 CHECKPOINT_ATTEMPTS = 10
+# The hot path's writes leave folding the write-ahead log into the database
+# file to a thread of their own, started at most this often (seconds).
+FOLD_EVERY = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +49,26 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
-def _sqlite_sync_engine(url: str, begin: str | None) -> Engine:
+def _sqlite_sync_engine(url: str, begin: str | None, folds_log: bool = True) -> Engine:
     engine = create_engine(url.replace("+aiosqlite", "", 1),
                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-    _tune_sqlite(engine, begin)
+    _tune_sqlite(engine, begin, folds_log)
     return engine
 
 
-def _tune_sqlite(engine: Engine, begin: str | None) -> None:
+def _tune_sqlite(engine: Engine, begin: str | None, folds_log: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "secure_delete=ON",
-                       "foreign_keys=ON", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"):
+        pragmas = ["journal_mode=WAL", "synchronous=FULL", "secure_delete=ON",
+                   "foreign_keys=ON", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"]
+        if not folds_log:
+            # Otherwise every thousandth page or so, a commit also copies the
+            # log into the database file and waits for the disk twice more.
+            pragmas.append("wal_autocheckpoint=0")
+        for pragma in pragmas:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
@@ -79,25 +88,32 @@ class Database:
 
     `run` serves the relay's hot path: it runs a plain synchronous function
     over one connection in one transaction. On SQLite that function runs in
-    a thread of its own (one hop for the whole function, where aiosqlite
-    would hop per statement); on PostgreSQL it runs on the async engine.
+    a thread of its own over a connection it keeps (one hop for the whole
+    function, where aiosqlite would hop per statement); on PostgreSQL it runs
+    on the async engine. Its writes do not fold the write-ahead log into the
+    database file themselves: a third thread does, in the background.
     """
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._threads: dict[bool, ThreadPoolExecutor] = {}
-        self._sync_engines: dict[bool, Engine] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._sync_engines: dict[str, Engine] = {}
+        self._held: dict[str, Connection] = {}
+        self._folding: Future[None] | None = None
+        self._folded_at = 0.0
         if self.is_sqlite:
             self.writer = _sqlite_engine(url, "BEGIN IMMEDIATE")
             self.reader = _sqlite_engine(url, "BEGIN")
             # The hot path's reads are single statements or tolerate a commit
             # between their statements, so they skip BEGIN/COMMIT entirely.
-            for write, begin in ((True, "BEGIN IMMEDIATE"), (False, None)):
-                self._sync_engines[write] = _sqlite_sync_engine(url, begin)
+            for name, begin in (("writer", "BEGIN IMMEDIATE"), ("reader", None),
+                                ("folder", None)):
+                self._sync_engines[name] = _sqlite_sync_engine(
+                    url, begin, folds_log=name != "writer")
                 # One thread per engine: SQLite connections stay in the thread
                 # that made them, and the writer serialises writes anyway.
-                self._threads[write] = ThreadPoolExecutor(
-                    1, thread_name_prefix="atsmail-store-" + ("writer" if write else "reader"))
+                self._threads[name] = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"atsmail-store-{name}")
         else:
             self.writer = self.reader = create_async_engine(
                 url, pool_size=10, max_overflow=20, pool_pre_ping=True)
@@ -119,13 +135,14 @@ class Database:
                 if not flush:
                     await conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                 return await conn.run_sync(work)
-        engine = self._sync_engines[write]
+        name = "writer" if write else "reader"
 
         def in_transaction() -> T:
-            if flush:
-                with engine.begin() as conn:
-                    return work(conn)
-            with engine.connect() as conn:
+            conn = self._connection(name)
+            try:
+                if flush:
+                    with conn.begin():
+                        return work(conn)
                 # Not inside a transaction: SQLite refuses it there.
                 driver = conn.connection.driver_connection
                 assert driver is not None
@@ -135,9 +152,50 @@ class Database:
                         return work(conn)
                 finally:
                     driver.execute("PRAGMA synchronous=FULL")
+            except BaseException:
+                # Whatever state it was left in, the next run starts afresh.
+                self._release(name)
+                raise
 
-        return await asyncio.get_running_loop().run_in_executor(
-            self._threads[write], in_transaction)
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._threads[name], in_transaction)
+        if write:
+            self._fold_log_soon()
+        return result
+
+    def _connection(self, name: str) -> Connection:
+        """The connection kept for the thread `name` (called in that thread)."""
+        conn = self._held.get(name)
+        if conn is None:
+            conn = self._held[name] = self._sync_engines[name].connect()
+        return conn
+
+    def _release(self, name: str) -> None:
+        conn = self._held.pop(name, None)
+        if conn is not None:
+            conn.close()
+
+    def _fold_log_soon(self) -> None:
+        """Start folding the write-ahead log into the database file, unless
+        that is under way or was started less than FOLD_EVERY seconds ago."""
+        now = time.monotonic()
+        if (self._folding is not None and not self._folding.done()) \
+                or now - self._folded_at < FOLD_EVERY:
+            return
+        self._folded_at = now
+        self._folding = self._threads["folder"].submit(self._fold_log)
+
+    def _fold_log(self) -> None:
+        # PASSIVE: copies what no reader still needs, never waits for a
+        # writer or reader and never holds one up.
+        try:
+            driver = self._connection("folder").connection.driver_connection
+            assert driver is not None
+            driver.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except Exception:
+            self._release("folder")
+            log.warning("could not fold the SQLite write-ahead log into the database; "
+                        "trying again after the next write", exc_info=True)
 
     @property
     def is_sqlite(self) -> bool:
@@ -192,9 +250,13 @@ class Database:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
-        for write, engine in self._sync_engines.items():
+        for name, engine in self._sync_engines.items():
             # Connections are closed in the thread that made them.
-            await asyncio.get_running_loop().run_in_executor(self._threads[write], engine.dispose)
-            self._threads[write].shutdown(wait=True)
+            def close_in_thread(name: str = name, engine: Engine = engine) -> None:
+                self._release(name)
+                engine.dispose()
+
+            await asyncio.get_running_loop().run_in_executor(self._threads[name], close_in_thread)
+            self._threads[name].shutdown(wait=True)
         self._sync_engines.clear()
         self._threads.clear()
