@@ -438,3 +438,23 @@ async def test_maildir_upstream_delivers_into_new(
     assert len(delivered) == 1
     assert delivered[0].read_bytes() == crlf(raw)
     assert len(await team.threads("C-1")) == 1
+
+
+async def test_each_connection_gets_a_protocol_of_its_own(relay: Gateway) -> None:
+    first, second = relay.relay._protocol(), relay.relay._protocol()
+    assert first is not second and first._stream_reader is not second._stream_reader
+    for protocol in (first, second):
+        assert protocol.session is None and protocol.transport is None
+        assert all(method.__self__ is protocol for method in protocol._smtp_methods.values())
+        builtin = [m.method for m in protocol._auth_methods.values() if m.is_builtin]
+        assert builtin and all(getattr(method, "__self__", None) is protocol for method in builtin)
+    # Two clients at once, each in its own transaction.
+    async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.relay.port) as a, \
+            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.relay.port) as b:
+        await a.mail(RECRUITER)
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused, match="need MAIL"):
+            await b.rcpt(ADA)  # b has no MAIL of its own
+        await b.mail(RECRUITER)
+        for client in (a, b):
+            await client.rcpt(ADA)
+            assert (await client.data(make_mail(RECRUITER, ADA, "Apart", "x"))).code == 250
