@@ -9,6 +9,7 @@ raises for an upstream problem, so the relay can pass every answer on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import mailbox
 import os
@@ -277,6 +278,7 @@ def _stuffed_pieces(content: bytes) -> Iterator[bytes]:
         start = end
 
 
+@functools.lru_cache(maxsize=4096)
 def _passed_as_written(address: str) -> bool:
     """Whether aiosmtplib puts `address` on the wire as it is.
 

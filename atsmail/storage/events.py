@@ -109,15 +109,19 @@ class WebhookQueue:
                 .order_by(WebhookEvent.id).limit(limit).with_for_update(skip_locked=True)))
             if not pks:
                 return 0
+            # No objects are loaded here: nothing for the ORM to match the
+            # rows changed against (it would evaluate the WHERE in Python).
+            unsynchronised = {"synchronize_session": False}
             if not urls:
-                await session.execute(delete(WebhookEvent).where(WebhookEvent.id.in_(pks)))
+                await session.execute(delete(WebhookEvent).where(WebhookEvent.id.in_(pks)),
+                                      execution_options=unsynchronised)
                 return len(pks)
             now = utcnow()
             await session.execute(insert(WebhookDelivery), [
                 {"event_pk": pk, "url": url, "attempts": 0, "next_attempt": now}
                 for pk in pks for url in urls])
             await session.execute(update(WebhookEvent).where(WebhookEvent.id.in_(pks))
-                                  .values(fanned_out=True))
+                                  .values(fanned_out=True), execution_options=unsynchronised)
             return len(pks)
 
     async def claim(self, url: str, lease: float, limit: int = 20) -> list[Due]:
