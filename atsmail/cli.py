@@ -43,6 +43,9 @@ from atsmail.storage.retention import apply_retention
 from atsmail.storage.store import job_json, member_json
 from atsmail.storage.visibility import Viewer
 
+# What `serve --event-loop` runs on.
+EVENT_LOOPS = ("uvloop", "asyncio")
+
 T = TypeVar("T")
 
 
@@ -154,16 +157,18 @@ def init(ctx: click.Context) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes accepting relay connections, sharing the listening socket "
                    "(one per core uses every core).")
+@click.option("--event-loop", type=click.Choice(EVENT_LOOPS), default="uvloop", show_default=True,
+              help="uvloop, the faster, or Python's own asyncio loop.")
 @click.option("--relay-fd", "relay_fds", type=int, multiple=True, hidden=True,
               help="Run as a relay worker on this inherited listening socket.")
 @click.option("--relay-parent", type=int, hidden=True,
               help="A relay worker's parent process, which it stops without.")
 @click.pass_context
-def serve(ctx: click.Context, verbose: bool, workers: int, relay_fds: tuple[int, ...],
-          relay_parent: int | None) -> None:
+def serve(ctx: click.Context, verbose: bool, workers: int, event_loop: str,
+          relay_fds: tuple[int, ...], relay_parent: int | None) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
+    from atsmail.gateway.server import run_on, serve_relay_worker
     from atsmail.gateway.server import serve as run_gateway
-    from atsmail.gateway.server import serve_relay_worker
     from atsmail.malloc import keep_large_buffers_unmapped
 
     config = _config(ctx)
@@ -175,10 +180,10 @@ def serve(ctx: click.Context, verbose: bool, workers: int, relay_fds: tuple[int,
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if relay_fds:
-            asyncio.run(serve_relay_worker(config, list(relay_fds),
-                                           relay_parent or os.getppid()))
+            run_on(event_loop, serve_relay_worker(config, list(relay_fds),
+                                                  relay_parent or os.getppid()))
         else:
-            asyncio.run(run_gateway(config, workers, verbose))
+            run_on(event_loop, run_gateway(config, workers, verbose, event_loop))
     except (UserError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     except SQLAlchemyError as exc:

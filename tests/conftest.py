@@ -21,6 +21,7 @@ from typing import Any
 import aiosmtplib
 import asyncpg
 import pytest
+import uvloop
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from atsmail.config import (
@@ -417,3 +418,8 @@ async def smtp_send(port: int, raw: bytes, mail_from: str, rcpts: list[str],
         except aiosmtplib.SMTPException:
             client.close()
 
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test on uvloop, the event loop `atsmail serve` runs on."""
+    return {"uvloop": uvloop.new_event_loop}

@@ -344,8 +344,16 @@ def served(cli: Cli, config_file: Path) -> Iterator[tuple[subprocess.Popen[bytes
         yield served
 
 
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
-        cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path], config_file: Path) -> None:
+        cli: Cli, config_file: Path, event_loop: str) -> None:
+    with _serve(cli, config_file, "--event-loop", event_loop) as served:
+        _relay_capture_and_stop(cli, served, config_file)
+        assert f"event loop: {event_loop}" in served[2].read_text()
+
+
+def _relay_capture_and_stop(cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path],
+                            config_file: Path) -> None:
     process, port, log = served
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
         client.sendmail("recruiter@example.com", ["ada@applicant.test"],

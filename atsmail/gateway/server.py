@@ -21,7 +21,10 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import uvloop
 
 from atsmail.config import Config
 from atsmail.gateway.credentials import Credentials
@@ -35,6 +38,8 @@ from atsmail.storage.mailboxes import Mailboxes
 from atsmail.storage.retention import apply_retention
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Retention is applied this long after start (not at once: the relay is
 # serving before a large purge competes with it for the store) and then this often.
@@ -135,14 +140,23 @@ class Gateway:
                      result.cutoff.isoformat())
 
 
-async def serve(config: Config, workers: int = 1, verbose: bool = False) -> None:
+def run_on(event_loop: str, main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on a new event loop: uvloop's, or for "asyncio" Python's own."""
+    log.info("event loop: %s", event_loop)
+    factory = uvloop.new_event_loop if event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+async def serve(config: Config, workers: int = 1, verbose: bool = False,
+                event_loop: str = "uvloop") -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     gateway = Gateway(config)
     pool = None
     try:
         if workers > 1:
             own = listening_sockets(config.relay.listen_host, config.relay.listen_port)
-            pool = RelayWorkers(config, own, workers - 1, verbose)
+            pool = RelayWorkers(config, own, workers - 1, verbose, event_loop)
             await gateway.start(own)
         else:
             await gateway.start()
@@ -234,11 +248,12 @@ class RelayWorkers:
     """Relay-only processes, each accepting on its own socket in the relay's group."""
 
     def __init__(self, config: Config, group: list[socket.socket], count: int,
-                 verbose: bool) -> None:
+                 verbose: bool, event_loop: str = "uvloop") -> None:
         self.config = config
         self.group = group
         self.count = count
         self.verbose = verbose
+        self.event_loop = event_loop
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self) -> subprocess.Popen[bytes]:
@@ -246,7 +261,7 @@ class RelayWorkers:
         sockets = listening_sockets("", 0, like=self.group)
         fds = [s.fileno() for s in sockets]
         command = [sys.executable, "-m", "atsmail", "--config", str(self.config.path), "serve",
-                   "--relay-parent", str(os.getpid())]
+                   "--relay-parent", str(os.getpid()), "--event-loop", self.event_loop]
         for fd in fds:
             command += ["--relay-fd", str(fd)]
         if self.verbose:
