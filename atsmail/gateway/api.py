@@ -459,10 +459,10 @@ def create_app(config: Config, store: Store) -> FastAPI:
     @app.get("/api/candidates", response_model=list[CandidateOut], tags=["candidates"])
     async def list_candidates(
             request: Request, viewer: Caller, limit: Limit = 100, offset: Offset = 0,
-            q: Annotated[str, Query(max_length=200, description="Part of an id, name or "
-                                                                "address.")] = "",
+            q: Annotated[str, Query(max_length=200, pattern=TEXT["pattern"],
+                                    description="Part of an id, name or address.")] = "",
             updated_since: Annotated[str | None, Query(
-                max_length=64, json_schema_extra={"format": "date-time"},
+                max_length=64, pattern=TEXT["pattern"], json_schema_extra={"format": "date-time"},
                 description="Only candidates changed after this time (RFC 3339).")] = None,
     ) -> Response:
         found = await store.candidates(q, _timestamp("updated_since", updated_since),

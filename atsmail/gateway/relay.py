@@ -15,6 +15,7 @@ map failures to SMTP codes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import ipaddress
 import json
@@ -149,6 +150,9 @@ class RelayProtocol(SMTP):
         """
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        # aiosmtpd keeps these in one dict for all connections, emptied by each
+        # new one and lengthened by each EHLO: each connection has its own.
+        new.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         asyncio.StreamReaderProtocol.__init__(
             new, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
             client_connected_cb=new._cb_client_connected, loop=self.loop)
@@ -304,6 +308,7 @@ class Relay:
         """Listen on `relay.listen`, or accept from `sockets` another process listens on."""
         await self.refresh_directory()
         self._stopping = False
+        self._prototype = None  # made again on this event loop
         self._refresher = asyncio.create_task(self._every_second())
         loop = asyncio.get_running_loop()
         if sockets:

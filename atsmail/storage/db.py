@@ -33,6 +33,11 @@ CHECKPOINT_ATTEMPTS = 10
 # The hot path's writes leave folding the write-ahead log into the database
 # file to a thread of their own, started at most this often (seconds).
 FOLD_EVERY = 0.5
+# The log starts again from the beginning only when a write finds all of it
+# folded in, which under steady writes that thread seldom leaves it: past this
+# many pages a hot-path commit folds in the rest itself (SQLite's own default
+# is 1,000 pages).
+FOLD_BACKSTOP_PAGES = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,7 @@ def _tune_sqlite(engine: Engine, begin: str | None, folds_log: bool = True) -> N
         if not folds_log:
             # Otherwise every thousandth page or so, a commit also copies the
             # log into the database file and waits for the disk twice more.
-            pragmas.append("wal_autocheckpoint=0")
+            pragmas.append(f"wal_autocheckpoint={FOLD_BACKSTOP_PAGES}")
         for pragma in pragmas:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
@@ -101,6 +106,7 @@ class Database:
         self._held: dict[str, Connection] = {}
         self._folding: Future[None] | None = None
         self._folded_at = 0.0
+        self._closing = False
         if self.is_sqlite:
             self.writer = _sqlite_engine(url, "BEGIN IMMEDIATE")
             self.reader = _sqlite_engine(url, "BEGIN")
@@ -130,6 +136,8 @@ class Database:
         may undo it. For writes that nothing is promised on until a later
         flushed commit.
         """
+        if self._closing:
+            raise RuntimeError("the store is closed")
         if not self._sync_engines:
             async with self.writer.begin() as conn:
                 if not flush:
@@ -179,7 +187,7 @@ class Database:
         """Start folding the write-ahead log into the database file, unless
         that is under way or was started less than FOLD_EVERY seconds ago."""
         now = time.monotonic()
-        if (self._folding is not None and not self._folding.done()) \
+        if self._closing or (self._folding is not None and not self._folding.done()) \
                 or now - self._folded_at < FOLD_EVERY:
             return
         self._folded_at = now
@@ -247,6 +255,7 @@ class Database:
         return False
 
     async def close(self) -> None:
+        self._closing = True
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()

@@ -365,6 +365,10 @@ class Store:
 
     async def candidates(self, search: str = "", updated_since: datetime | None = None,
                          limit: int | None = None, offset: int = 0) -> list[CandidateView]:
+        if "\x00" in search:
+            # Matches nothing (ids, names and addresses are taken without
+            # one), and PostgreSQL refuses to compare text holding one.
+            return []
         async with self.db.read() as session:
             return await CandidateRepository(session).views(
                 search=search, updated_since=updated_since, limit=limit, offset=offset)

@@ -157,6 +157,8 @@ async def test_bodies_that_are_not_json_or_too_big_are_refused(api: Api) -> None
                 ).status_code == 422, stamp
     assert (await api.get("/api/candidates", params={"updated_since": "2026-11-28T09:00:00Z"})
             ).status_code == 200
+    for nul in ({"q": "a\x00b"}, {"updated_since": "2026-11-28T09:00:00Z\x00"}):
+        assert (await api.get("/api/candidates", params=nul)).status_code == 422, nul
     wrong_method = await api.client.patch("/api/jobs/J1", headers=api.auth(ADMIN))
     assert wrong_method.status_code == 405
     assert wrong_method.headers["allow"] == "DELETE, GET, PUT"

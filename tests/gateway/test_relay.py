@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
 from sqlalchemy import text
 
 from atsmail.config import Upstream
@@ -443,6 +444,9 @@ async def test_maildir_upstream_delivers_into_new(
 async def test_each_connection_gets_a_protocol_of_its_own(relay: Gateway) -> None:
     first, second = relay.relay._protocol(), relay.relay._protocol()
     assert first is not second and first._stream_reader is not second._stream_reader
+    # aiosmtpd lengthens the MAIL limit in this dict on each EHLO.
+    first.command_size_limits["MAIL"] += 36
+    assert second.command_size_limits["MAIL"] == SMTP.command_size_limit
     for protocol in (first, second):
         assert protocol.session is None and protocol.transport is None
         assert all(method.__self__ is protocol for method in protocol._smtp_methods.values())
@@ -458,3 +462,4 @@ async def test_each_connection_gets_a_protocol_of_its_own(relay: Gateway) -> Non
         for client in (a, b):
             await client.rcpt(ADA)
             assert (await client.data(make_mail(RECRUITER, ADA, "Apart", "x"))).code == 250
+

@@ -299,9 +299,14 @@ async def test_a_failed_hot_path_transaction_leaves_the_next_one_a_clean_start(
         conn.execute(insert(Job).values(id="J-half", title="Half"))
         conn.exec_driver_sql("SELECT * FROM no_such_table")
 
+    await store.db.run(lambda conn: None, write=True)
+    held = store.db._held.get("writer")
+    assert (held is not None) == store.db.is_sqlite
     for _ in range(2):
         with pytest.raises(DBAPIError):
             await store.db.run(half_done, write=True)
+    # The connection it failed on is not used again (SQLite: a new one is made).
+    assert store.db._held.get("writer") is None or store.db._held.get("writer") is not held
     with pytest.raises(NotFound):
         await store.job("J-half")
     await store.add_job("J-after", "After")
@@ -321,9 +326,10 @@ async def test_sqlite_hot_path_commits_leave_folding_the_log_to_a_thread_of_its_
             conn.exec_driver_sql(sql))
 
     try:
-        # The commits never fold the log into the database file themselves
-        # (that would make a message wait for it)...
-        assert (await db.run(write("PRAGMA wal_autocheckpoint"), write=True)) == [(0,)]
+        # The commits do not fold the log into the database file themselves
+        # (that would make a message wait for it) but past a backstop...
+        assert (await db.run(write("PRAGMA wal_autocheckpoint"), write=True)) == [
+            (db_module.FOLD_BACKSTOP_PAGES,)]
         await db.run(write("CREATE TABLE scratch (n INTEGER)"), write=True)
         for n in range(50):
             await db.run(write(f"INSERT INTO scratch VALUES ({n})"), write=True)
@@ -341,5 +347,32 @@ async def test_sqlite_hot_path_commits_leave_folding_the_log_to_a_thread_of_its_
             assert asyncio.get_running_loop().time() < deadline, "the log was never folded"
             await db.run(write("SELECT 1"), write=True)
             await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+
+
+async def test_a_search_holding_a_nul_finds_nothing_rather_than_failing(store: Store) -> None:
+    await store.add_candidate("C-N", "Nora", ["nora@x.test"])
+    assert [c.id for c in await store.candidates("Nor")] == ["C-N"]
+    assert await store.candidates("Nor\x00") == []
+
+
+async def test_under_steady_writes_the_sqlite_log_stays_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The log starts afresh only once all of it is folded in; with writes
+    # landing while a fold runs, only the backstop keeps it from growing.
+    monkeypatch.setattr(db_module, "FOLD_EVERY", 0.0)
+    monkeypatch.setattr(db_module, "FOLD_BACKSTOP_PAGES", 100)
+    path = tmp_path / "steady.db"
+    store = Store.open(f"sqlite+aiosqlite:///{path}")
+    await store.migrate()
+    try:
+        await store.db.run(lambda conn: conn.exec_driver_sql(
+            "CREATE TABLE scratch (b BLOB)"), write=True)
+        for _ in range(400):  # 4 MB, 10 KB a commit
+            await store.db.run(lambda conn: conn.exec_driver_sql(
+                "INSERT INTO scratch VALUES (randomblob(10240))"), write=True)
+        wal = path.with_name(path.name + "-wal")
+        assert wal.stat().st_size < 1024 * 1024, wal.stat().st_size
     finally:
         await store.close()
