@@ -349,7 +349,9 @@ def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
         cli: Cli, config_file: Path, event_loop: str) -> None:
     with _serve(cli, config_file, "--event-loop", event_loop) as served:
         _relay_capture_and_stop(cli, served, config_file)
-        assert f"event loop: {event_loop}" in served[2].read_text()
+        output = served[2].read_text()
+        assert f"event loop: {event_loop}" in output
+        assert "objects made at start kept out of garbage collection" in output
 
 
 def _relay_capture_and_stop(cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -140,6 +141,16 @@ class Gateway:
                      result.cutoff.isoformat())
 
 
+def _spare_startup_objects() -> None:
+    """Keep what starting made (modules, the API, the store's mappings: about
+    150,000 objects that live as long as the process) out of the garbage
+    collector's full passes, each of which would otherwise stop the event
+    loop, and every message in flight, for about 100 ms."""
+    gc.collect()
+    gc.freeze()
+    log.info("%d objects made at start kept out of garbage collection", gc.get_freeze_count())
+
+
 def run_on(event_loop: str, main: Coroutine[Any, Any, T]) -> T:
     """Run `main` on a new event loop: uvloop's, or for "asyncio" Python's own."""
     log.info("event loop: %s", event_loop)
@@ -163,6 +174,7 @@ async def serve(config: Config, workers: int = 1, verbose: bool = False,
     except BaseException:
         await gateway.stop(grace=0)
         raise
+    _spare_startup_objects()
     stop = _stop_on_signals()
     supervisor = asyncio.create_task(pool.run(), name="relay workers") if pool else None
     await stop.wait()
@@ -221,6 +233,7 @@ async def serve_relay_worker(config: Config, fds: list[int], parent: int) -> Non
     except BaseException:
         await gateway.stop(grace=0)
         raise
+    _spare_startup_objects()
     stop = _stop_on_signals()
     orphaned = asyncio.create_task(_when_orphaned(parent, stop), name="parent watch")
     await stop.wait()
