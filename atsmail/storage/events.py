@@ -143,7 +143,13 @@ class WebhookQueue:
                 select(WebhookDelivery, WebhookEvent)
                 .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_pk)
                 .where(WebhookDelivery.url == url,
-                       or_(blocked.is_(None), WebhookDelivery.event_pk < blocked))
+                       or_(blocked.is_(None), WebhookDelivery.event_pk < blocked),
+                       # Also on the row itself: PostgreSQL checks these again
+                       # on a row another gateway claimed and committed since
+                       # this statement began (`blocked` is not checked again).
+                       WebhookDelivery.next_attempt <= now,
+                       or_(WebhookDelivery.leased_until.is_(None),
+                           WebhookDelivery.leased_until <= now))
                 .order_by(WebhookDelivery.event_pk).limit(limit)
                 .with_for_update(of=WebhookDelivery, skip_locked=True)))
             claimed = []
