@@ -324,22 +324,19 @@ class Relay:
 
     def _protocol(self) -> RelayProtocol:
         if self._prototype is None:
-            self._prototype = self._new_protocol()
+            self._prototype = RelayProtocol(
+                self,
+                data_size_limit=self.relay.max_message_size,
+                enable_SMTPUTF8=True,
+                hostname=self.hostname,
+                ident="atsmail",
+                timeout=self.relay.idle_timeout,
+                tls_context=self.tls,
+                require_starttls=self.relay.require_tls,
+                auth_require_tls=not self.relay.auth_without_tls,
+                authenticator=self._authenticate,
+            )
         return self._prototype.fresh()
-
-    def _new_protocol(self) -> RelayProtocol:
-        return RelayProtocol(
-            self,
-            data_size_limit=self.relay.max_message_size,
-            enable_SMTPUTF8=True,
-            hostname=self.hostname,
-            ident="atsmail",
-            timeout=self.relay.idle_timeout,
-            tls_context=self.tls,
-            require_starttls=self.relay.require_tls,
-            auth_require_tls=not self.relay.auth_without_tls,
-            authenticator=self._authenticate,
-        )
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let transactions in flight finish (bounded), then close."""
