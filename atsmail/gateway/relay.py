@@ -578,39 +578,50 @@ class Relay:
                         sender)
             await upstream.reset()
             return BARE_LINE_END
+        # The message goes out to the upstream while it is read, judged and
+        # its copy stored; only its end of data waits for those.
+        judging = self._spawn(self._judge(raw, sender, list(envelope.rcpt_tos), trusted))
+
+        async def released() -> bool:
+            return not isinstance(await judging, str)
+
+        reply = await upstream.data(raw, release=released)
+        judged = await judging
+        if isinstance(judged, str):
+            return judged
+        facts, decision, prepared = judged
+        if prepared is not None:
+            await self._settle(prepared, reply, facts)
+        self._log(facts, decision, reply)
+        return str(reply)
+
+    async def _judge(self, raw: bytes, sender: str | None, recipients: list[str],
+                     trusted: bool) -> tuple[MessageFacts, Decision, Prepared | None] | str:
+        """The message's facts, the rules' decision and its stored pending copy
+        (when captured); or the refusal to answer instead of the upstream."""
         try:
-            facts = await self._read(raw, sender, list(envelope.rcpt_tos))
+            facts = await self._read(raw, sender, recipients)
         except Exception:
             log.exception("could not read a message; deferring it")
-            await upstream.reset()
             return TEMPFAIL
         forged = None if trusted else next(
             (a for a in (*facts.from_, *facts.sender) if self._internal(a)), None)
         if forged is not None:
             log.warning("refused a message from outside with the internal sender %s", forged)
-            await upstream.reset()
             return INTERNAL_SENDER.format(forged)
         try:
             decision = await self._decide(facts)
         except Exception:
             log.exception("could not judge a message; deferring it")
-            await upstream.reset()
             return STORE_UNAVAILABLE
-
-        prepared: Prepared | None = None
-        if decision.capture:
-            try:
-                prepared = await self.writer.prepare(Capture(facts, decision, raw, "relay"))
-            except Exception:
-                log.exception("could not store a capture; deferring the message")
-                await upstream.reset()
-                return STORE_UNAVAILABLE
-
-        reply = await upstream.data(raw)
-        if prepared is not None:
-            await self._settle(prepared, reply, facts)
-        self._log(facts, decision, reply)
-        return str(reply)
+        if not decision.capture:
+            return facts, decision, None
+        try:
+            prepared = await self.writer.prepare(Capture(facts, decision, raw, "relay"))
+        except Exception:
+            log.exception("could not store a capture; deferring the message")
+            return STORE_UNAVAILABLE
+        return facts, decision, prepared
 
     def _internal(self, address: str) -> bool:
         """A team member's address, or one in an internal domain."""

@@ -14,7 +14,7 @@ import logging
 import mailbox
 import os
 import ssl
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +54,12 @@ TLS_FAILED = Reply(451, "4.7.5 Upstream TLS unavailable or untrusted, try again 
 LOST = Reply(451, "4.4.2 Upstream connection lost, try again later")
 NO_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address, and the upstream does not support SMTPUTF8")
 REWRITTEN = Reply(553, "5.1.3 Address not accepted: it would not reach the upstream as written")
+# What `data` gives when its `release` held the message back: the upstream
+# never got the end of data, so it delivers nothing.
+WITHDRAWN = Reply(451, "4.3.0 Message withdrawn before its end of data")
+
+# Awaited before the end of data goes out: whether it may.
+Release = Callable[[], Awaitable[bool]]
 
 
 class UpstreamSession(Protocol):
@@ -69,7 +75,11 @@ class UpstreamSession(Protocol):
 
     async def rcpt(self, recipient: str) -> Reply: ...
 
-    async def data(self, content: bytes) -> Reply: ...
+    async def data(self, content: bytes, release: Release | None = None) -> Reply:
+        """Hand the message on; with `release`, all of it but the end of data
+        goes out while `release()` is awaited, and the end follows only if it
+        gives True (otherwise: WITHDRAWN, and nothing is delivered)."""
+        ...
 
     async def reset(self) -> None: ...
 
@@ -207,12 +217,16 @@ class SmtpSession:
             return REWRITTEN
         return await self._run("RCPT", self.client.rcpt(recipient, encoding=self._encoding))
 
-    async def data(self, content: bytes) -> Reply:
-        reply = await self._run("DATA", self._send_data(content))
-        self._in_transaction = False
-        return reply
+    async def data(self, content: bytes, release: Release | None = None) -> Reply:
+        try:
+            return await self._run("DATA", self._send_data(content, release))
+        except _Withdrawn:
+            return WITHDRAWN
+        finally:
+            self._in_transaction = False
 
-    async def _send_data(self, content: bytes) -> aiosmtplib.SMTPResponse:
+    async def _send_data(self, content: bytes,
+                         release: Release | None) -> aiosmtplib.SMTPResponse:
         """DATA, with the message written in pieces, each dot-stuffed as it goes.
 
         aiosmtplib's `data` makes three whole copies of a message before
@@ -228,13 +242,25 @@ class SmtpSession:
         # The upstream may answer as soon as the last piece is out: aiosmtplib
         # drops what arrives while it expects no reply.
         protocol._response_pending = True
-        for piece in _stuffed_pieces(content):
+        for piece in _stuffed_pieces(content, end=release is None):
             protocol.write(piece)
             try:
                 # aiosmtplib's flow control: wait while the upstream is not reading.
                 await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
             except TimeoutError:
                 raise aiosmtplib.SMTPTimeoutError("upstream stopped reading the message") from None
+        if release is not None:
+            try:
+                released = await release()
+            except BaseException:
+                self.client.close()
+                raise
+            if not released:
+                # A transaction cut off before its end of data delivers nothing
+                # (RFC 5321 3.8); there is no other way to abandon DATA.
+                self.client.close()
+                raise _Withdrawn
+            protocol.write(_end_of_data(content))
         response = await protocol.read_response(timeout=self.data_timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
@@ -254,28 +280,36 @@ class SmtpSession:
         self.client.close()
 
 
+class _Withdrawn(Exception):
+    """The message was held back before its end of data."""
+
+
 # Bytes of a message written to the upstream at a time.
 DATA_PIECE = 256 * 1024
 
 
-def _stuffed_pieces(content: bytes) -> Iterator[bytes]:
+def _stuffed_pieces(content: bytes, end: bool = True) -> Iterator[bytes]:
     """`content` as the data of an SMTP DATA command, in pieces of about
     DATA_PIECE bytes that end at line ends: each line starting with a dot
-    gets another (RFC 5321 4.5.2), and <CR><LF>.<CR><LF>, in the last piece,
-    ends it."""
+    gets another (RFC 5321 4.5.2), and with `end` the end of data, in the
+    last piece, ends it."""
     start = 0
     while True:
         cut = content.find(b"\r\n", start + DATA_PIECE)
-        end = len(content) if cut < 0 else cut + 2
-        piece = content[start:end].replace(b"\r\n.", b"\r\n..")
+        stop = len(content) if cut < 0 else cut + 2
+        piece = content[start:stop].replace(b"\r\n.", b"\r\n..")
         if piece.startswith(b"."):
             piece = b"." + piece
-        if end == len(content):
-            ended = not piece or piece.endswith(b"\r\n")
-            yield piece + (b".\r\n" if ended else b"\r\n.\r\n")
+        if stop == len(content):
+            yield piece + _end_of_data(content) if end else piece
             return
         yield piece
-        start = end
+        start = stop
+
+
+def _end_of_data(content: bytes) -> bytes:
+    """<CR><LF>.<CR><LF>, less the <CR><LF> that `content` ends with."""
+    return b".\r\n" if not content or content.endswith(b"\r\n") else b"\r\n.\r\n"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -310,8 +344,10 @@ class MaildirSession:
     async def rcpt(self, recipient: str) -> Reply:
         return Reply(250, "2.1.5 Ok")
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: bytes, release: Release | None = None) -> Reply:
         try:
+            if release is not None and not await release():
+                return WITHDRAWN
             key = await asyncio.to_thread(self._deliver, content)
         except OSError as exc:
             log.error("cannot deliver into %s: %s", self.path, exc)

@@ -16,7 +16,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from atsmail.gateway.relay import MAX_LINE, _line_lengths
 from atsmail.gateway.server import Gateway
-from atsmail.gateway.upstream import DATA_PIECE, _stuffed_pieces
+from atsmail.gateway.upstream import DATA_PIECE, _end_of_data, _stuffed_pieces
 from atsmail.storage import Store
 from tests.conftest import GatewayFactory, Sink, make_mail
 from tests.gateway.test_hostile_input import (
@@ -189,6 +189,10 @@ def test_the_data_written_upstream_is_stuffed_and_ended_in_its_last_piece(
     assert b"".join(pieces) == as_aiosmtplib_writes(content)
     assert pieces[-1].endswith(b"\r\n.\r\n") and len(pieces[-1]) > 3
     assert all(piece.endswith(b"\r\n") for piece in pieces)  # cut at line ends
+    # Held back for a later write, the end of data follows the same pieces.
+    held = list(_stuffed_pieces(content, end=False))
+    assert b"".join(held) + _end_of_data(content) == as_aiosmtplib_writes(content)
+    assert held[:-1] == pieces[:-1]
 
 
 def test_empty_data_is_only_the_end_marker() -> None:

@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from atsmail.storage import Store, db
@@ -115,6 +116,31 @@ async def test_a_store_locked_longer_than_the_wait_defers_mail_then_it_flows(
     assert delivered(sink) == [later, raw]
     subjects = sorted((t.subject, t.message_count) for t in await team.threads("C-1"))
     assert subjects == [("Waited for the lock", 1), ("While the store was locked", 1)]
+
+
+async def test_a_message_deferred_by_a_locked_store_is_withdrawn_and_the_session_goes_on(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, store_url: str) -> None:
+    gateway = await gateway_factory()
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.relay.port, timeout=30)
+    await client.connect()
+    deferred = make_mail(RECRUITER, ADA, "Deferred")
+    locker = sqlite3.connect(store_url.partition(":///")[2], isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(aiosmtplib.SMTPDataError) as error:
+            await client.sendmail(RECRUITER, [ADA], deferred)
+        assert error.value.code == 451 and "store unavailable" in error.value.message
+    finally:
+        locker.close()
+    # The upstream had all of it but its end of data, and delivered nothing.
+    assert sink.messages == []
+    later = make_mail(RECRUITER, ADA, "Same session, store back")
+    await client.sendmail(RECRUITER, [ADA], later)
+    await client.quit()
+    assert delivered(sink) == [later]
+    # Over a new upstream connection: the old one was closed to withdraw the message.
+    assert sink.sessions == 2
+    assert [t.subject for t in await team.threads("C-1")] == ["Same session, store back"]
 
 
 async def test_an_upstream_too_slow_to_answer_data_defers_mail_and_the_retry_is_kept_once(

@@ -382,10 +382,16 @@ async def test_an_internal_sender_from_outside_is_refused(
     assert code(reply) == 550 and b"5.7.1" in reply and RECRUITER.encode() in reply, reply
     assert sink.messages == []
     assert await captured(team) == []
-    # A candidate's own mail from outside still arrives and is captured.
+    # A candidate's own mail from outside still arrives and is captured, in
+    # the same session (the upstream connection that carried the refused
+    # message, all but its end, was closed to withdraw it) and in a new one.
+    await wire.transaction(ADA, ["rita@hosted.example"])
+    own = crlf(make_mail(ADA, "rita@hosted.example", "My application"))
+    assert code(await wire.send(own + b".\r\n")) == 250
+    assert [m.content for m in sink.messages] == [own]
     await wire.close()
     accepted = await still_serving(port, sink, team, source=OUTSIDER)
-    await nothing_lost(sink, team, accepted)
+    await nothing_lost(sink, team, [own, *accepted])
 
 
 async def test_the_company_network_may_use_internal_senders(

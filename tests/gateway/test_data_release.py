@@ -1,0 +1,129 @@
+"""The message goes upstream while it is judged and its copy stored; its end
+of data waits for those, and without it the upstream delivers nothing.
+
+Between the relay and the real sink sits a loopback tap that keeps every
+byte the relay sends upstream, so a test can see how far a message got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from atsmail.config import Upstream
+from atsmail.gateway.server import Gateway
+from atsmail.storage import Capture, Prepared, Store
+from tests.conftest import GatewayFactory, Sink, make_mail
+
+RECRUITER = "recruiter@example.com"
+ADA = "ada@applicant.test"
+
+
+@dataclass
+class Tap:
+    """A loopback TCP forwarder to the sink that records what goes upstream."""
+
+    target: int
+    upstream_bytes: bytearray = field(default_factory=bytearray)
+    connections: int = 0
+    port: int = 0
+    server: asyncio.Server | None = None
+    _pipes: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       record: bytearray | None) -> None:
+            try:
+                while chunk := await src.read(65536):
+                    if record is not None:
+                        record += chunk
+                    dst.write(chunk)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        pipes = [asyncio.create_task(pipe(reader, up_writer, self.upstream_bytes)),
+                 asyncio.create_task(pipe(up_reader, writer, None))]
+        self._pipes.update(pipes)
+        await asyncio.gather(*pipes, return_exceptions=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for task in self._pipes:
+                task.cancel()
+            await asyncio.gather(*self._pipes, return_exceptions=True)
+            await self.server.wait_closed()
+
+
+@pytest.fixture
+async def tap(sink: Sink) -> AsyncIterator[Tap]:
+    server = Tap(sink.port)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def hold_prepare(gateway: Gateway) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the relay's store wait before writing each pending copy.
+
+    Returns (reached, go): `reached` is set when a copy is about to be
+    written, which then waits for `go` and is written by the real writer.
+    """
+    reached, go = asyncio.Event(), asyncio.Event()
+    prepare: Callable[[Capture], Awaitable[Prepared]] = gateway.writer.prepare
+
+    async def held(capture: Capture) -> Prepared:
+        reached.set()
+        await go.wait()
+        return await prepare(capture)
+
+    gateway.writer.prepare = held  # type: ignore[method-assign]
+    return reached, go
+
+
+async def until(condition: Callable[[], Any]) -> None:
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_the_message_is_upstream_before_its_copy_is_stored_and_ends_after(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap) -> None:
+    gateway = await gateway_factory(upstream=Upstream("smtp", "127.0.0.1", tap.port))
+    reached, go = hold_prepare(gateway)
+    body = "".join(f"line {n} of the CV\n" for n in range(5000)) + "The last line.\n"
+    raw = make_mail(RECRUITER, ADA, "Overlapped", body)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.relay.port, timeout=30)
+    await client.connect()
+    sending = asyncio.create_task(client.sendmail(RECRUITER, [ADA], raw))
+
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        # All of it is upstream while the copy waits, all but the end of data.
+        await until(lambda: b"The last line.\r\n" in tap.upstream_bytes)
+        await asyncio.sleep(0.2)
+        assert not tap.upstream_bytes.endswith(b"\r\n.\r\n")
+        assert sink.messages == [] and not sending.done()
+    finally:
+        go.set()  # the relay's stop waits for the message in flight
+    await sending
+    await client.quit()
+    assert tap.upstream_bytes.count(b"The last line.\r\n.\r\n") == 1
+    assert [m.content.replace(b"\r\n", b"\n") for m in sink.messages] == [raw]
+    assert [(t.subject, t.message_count) for t in await team.threads("C-1")] == [
+        ("Overlapped", 1)]
