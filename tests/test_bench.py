@@ -1,4 +1,4 @@
-"""The memory benchmark runs end to end (its figures are for the README, not asserted)."""
+"""The benchmarks run end to end (their figures are for the README, not asserted)."""
 
 from __future__ import annotations
 
@@ -21,3 +21,18 @@ def test_the_memory_bench_relays_both_messages_and_prints_its_table() -> None:
     assert any("MiB message, captured" in line for line in lines)
     assert any("MiB message, passed on" in line for line in lines)
     assert any(line.startswith("10 idle sessions") for line in lines)
+
+
+def test_the_breakdown_bench_times_each_step_and_thread() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "breakdown.py"), "--messages", "100"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "100 messages" in out and ", 0 errors" in out
+    for step in ("read the message", "pending copy committed", "upstream DATA",
+                 "confirmation committed", "whole DATA"):
+        assert f"\n{step} | " in out, out
+    assert "MainThread:" in out and "atsmail-store-writer:" in out
+    assert "full garbage collections under load" in out
