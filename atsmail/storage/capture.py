@@ -22,7 +22,7 @@ import logging
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
@@ -35,6 +35,7 @@ from atsmail.storage.db import Database
 from atsmail.storage.events import MESSAGE_CAPTURED, event_row, record_events
 from atsmail.storage.models import (
     CapturedMessage,
+    MessageBody,
     MessageCandidate,
     MessageSource,
     Thread,
@@ -97,9 +98,6 @@ class Prepared:
     # This attempt holds the pending copy: its discard counts, and the copy
     # goes only when no attempt holds it any more and none confirmed it.
     held: bool = True
-    # The message, when this attempt stored it in pieces (_fill_blob): so is it
-    # stored again on confirming, as a state change would read all of it.
-    raw: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,6 @@ class _Operation:
     kind: Literal["prepare", "confirm", "discard"]
     capture: Capture | None = None
     pk: int = 0
-    raw: bytes | None = None
 
 
 class CaptureWriter:
@@ -133,7 +130,7 @@ class CaptureWriter:
         return prepared
 
     async def confirm(self, prepared: Prepared) -> None:
-        await self._submit(_Operation("confirm", pk=prepared.pk, raw=prepared.raw))
+        await self._submit(_Operation("confirm", pk=prepared.pk))
 
     async def discard(self, prepared: Prepared) -> None:
         if prepared.held:
@@ -229,16 +226,10 @@ _RELEASE = (update(CapturedMessage)
 _DELETE = delete(CapturedMessage).where(CapturedMessage.id == bindparam("pk"),
                                         CapturedMessage.state == "pending",
                                         CapturedMessage.holders <= 0)
-# A zeroblob for a message written in pieces; replacing the column (rather than
-# leaving it) spares SQLite reading what the row held.
-_ZEROBLOB = update(CapturedMessage).where(CapturedMessage.id == bindparam("pk")).values(
-    raw=func.zeroblob(bindparam("length")))
-# No RETURNING: for it SQLite makes the whole new row, zeroblob and all.
-_CONFIRM_REWRITING = (update(CapturedMessage)
-                      .where(CapturedMessage.id == bindparam("pk"),
-                             CapturedMessage.state == "pending")
-                      .values(state="confirmed", raw=func.zeroblob(bindparam("length"))))
-_CONFIRMED_ROW = select(*_CONFIRMED).where(CapturedMessage.id == bindparam("pk"))
+_NEW_BODIES = insert(MessageBody)
+# A message written in pieces (_fill_blob) is first a zeroblob of its size.
+_NEW_EMPTY_BODY = insert(MessageBody).values(message_pk=bindparam("pk"),
+                                            raw=func.zeroblob(bindparam("length")))
 _THREAD_USED = select(exists().where(CapturedMessage.thread_id == bindparam("tid")))
 _DELETE_THREAD = delete(Thread).where(Thread.id == bindparam("tid"))
 
@@ -259,8 +250,7 @@ def apply(conn: Connection, operations: list[_Operation]) -> list[Prepared | Non
         _prepare(conn, prepares, results)
     confirms = [op.pk for op in operations if op.kind == "confirm"]
     if confirms:
-        _confirm(conn, confirms, {op.pk: op.raw for op in operations
-                                  if op.kind == "confirm" and op.raw is not None})
+        _confirm(conn, confirms)
     return results
 
 
@@ -276,28 +266,13 @@ def keep(conn: Connection, captures: list[Capture]) -> list[Prepared]:
         return []
     results = apply(conn, [_Operation("prepare", capture=c) for c in captures])
     kept = [r for r in results if r is not None]
-    _confirm(conn, sorted({r.pk for r in kept}), {r.pk: r.raw for r in kept if r.raw is not None})
+    _confirm(conn, sorted({r.pk for r in kept}))
     return kept
 
 
-def _confirm(conn: Connection, pks: list[int], rewrites: dict[int, bytes]) -> None:
-    """Confirm pending copies, and record `message.captured` for each in the same commit.
-
-    The copies in `rewrites` (large ones, on SQLite) are stored again as they
-    are confirmed: cheaper than SQLite reading all of one to change its state.
-    """
-    confirmed = []
-    blobs = _writes_blobs(conn) if rewrites else None
-    if blobs is not None:
-        for pk, raw in rewrites.items():
-            if conn.execute(_CONFIRM_REWRITING, {"pk": pk, "length": len(raw)}).rowcount:
-                _fill_blob(blobs, pk, raw)
-                confirmed.append(conn.execute(_CONFIRMED_ROW, {"pk": pk}).one())
-    else:
-        rewrites = {}
-    rest = [pk for pk in pks if pk not in rewrites]
-    if rest:
-        confirmed += conn.execute(_CONFIRM, {"pks": rest}).all()
+def _confirm(conn: Connection, pks: list[int]) -> None:
+    """Confirm pending copies, and record `message.captured` for each in the same commit."""
+    confirmed = conn.execute(_CONFIRM, {"pks": pks}).all()
     if not confirmed:
         return
     ids = [row.id for row in confirmed]
@@ -356,17 +331,20 @@ def _prepare(conn: Connection, prepares: list[tuple[int, Capture]],
                 for key, firsts in opening.items()]).scalars()
             for firsts, thread_id in zip(opening.values(), ids, strict=True):
                 thread_of.update(dict.fromkeys(firsts, thread_id))
-        blobs = _writes_blobs(conn)
         pks = conn.execute(_NEW_MESSAGES, [
-            _message_row(c, thread_of[i], when[i], blobs) for i, c in new]).scalars().all()
+            _message_row(c, thread_of[i], when[i]) for i, c in new]).scalars().all()
+        blobs = _writes_blobs(conn)
+        whole = []
         for (i, c), pk in zip(new, pks, strict=True):
             stored[c.facts.capture_key] = pk
+            results[i] = Prepared(pk, created=True)
             if blobs is not None and len(c.raw) > BLOB_PIECE:
-                conn.execute(_ZEROBLOB, {"pk": pk, "length": len(c.raw)})
+                conn.execute(_NEW_EMPTY_BODY, {"pk": pk, "length": len(c.raw)})
                 _fill_blob(blobs, pk, c.raw)
-                results[i] = Prepared(pk, created=True, raw=c.raw)
             else:
-                results[i] = Prepared(pk, created=True)
+                whole.append({"message_pk": pk, "raw": c.raw})
+        if whole:
+            conn.execute(_NEW_BODIES, whole)
     for i, capture in prepares:
         if results[i] is None:
             pk = stored[capture.facts.capture_key]
@@ -430,15 +408,14 @@ def _writes_blobs(conn: Connection) -> sqlite3.Connection | None:
 
 
 def _fill_blob(driver: sqlite3.Connection, pk: int, raw: bytes) -> None:
-    """Write `raw` into the zeroblob of its size that message `pk` holds."""
+    """Write `raw` into the zeroblob of its size that message `pk`'s body holds."""
     view = memoryview(raw)
-    with driver.blobopen(CapturedMessage.__tablename__, "raw", pk) as blob:
+    with driver.blobopen(MessageBody.__tablename__, "raw", pk) as blob:
         for start in range(0, len(raw), BLOB_PIECE):
             blob.write(view[start:start + BLOB_PIECE])
 
 
-def _message_row(capture: Capture, thread_id: int, when: datetime,
-                 blobs: sqlite3.Connection | None) -> dict[str, Any]:
+def _message_row(capture: Capture, thread_id: int, when: datetime) -> dict[str, Any]:
     facts, decision = capture.facts, capture.decision
     return {
         "thread_id": thread_id,
@@ -454,8 +431,6 @@ def _message_row(capture: Capture, thread_id: int, when: datetime,
         # Without a Date header, the time it passed through us.
         "date": when,
         "size": facts.size,
-        # A large one is written after the row (_fill_blob).
-        "raw": b"" if blobs is not None and len(capture.raw) > BLOB_PIECE else capture.raw,
         "trace": [t.to_json() for t in decision.trace],
     }
 

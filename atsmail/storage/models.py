@@ -27,9 +27,10 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    select,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 ROLES = ("admin", "recruiter", "compliance")
 
@@ -168,6 +169,21 @@ class Thread(Base):
     last_date: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class MessageBody(Base):
+    """A captured message's bytes, in a row of their own.
+
+    SQLite writes a whole row again to change any column of it: kept in the
+    message's row, a 30 MB message would be written again when its capture
+    is confirmed.
+    """
+
+    __tablename__ = "message_bodies"
+
+    message_pk: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True, autoincrement=False)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class CapturedMessage(Base):
     """One captured message. `state` is `pending` until the upstream accepted it."""
 
@@ -190,7 +206,9 @@ class CapturedMessage(Base):
     subject: Mapped[str] = mapped_column(Text, default="")
     date: Mapped[datetime | None] = mapped_column(UTCDateTime)
     size: Mapped[int] = mapped_column(Integer, default=0)
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # Read with the message; written to its own table (MessageBody).
+    raw: Mapped[bytes] = column_property(
+        select(MessageBody.raw).where(MessageBody.message_pk == id).scalar_subquery())
     trace: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     # Attempts holding a pending copy (concurrent retries of one message).
     holders: Mapped[int] = mapped_column(Integer, default=1)

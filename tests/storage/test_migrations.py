@@ -33,7 +33,8 @@ async def test_upgrading_a_populated_sqlite_store_loses_no_row(tmp_path: Path) -
                 "INSERT INTO message_candidates (message_pk, candidate_id) VALUES (1, 'C-1')"))
         await store.migrate()
         async with store.db.writer.begin() as conn:
-            assert (await conn.execute(text("SELECT raw FROM messages"))).scalar_one() == b"hello"
+            assert (await conn.execute(text(
+                "SELECT raw FROM message_bodies WHERE message_pk = 1"))).scalar_one() == b"hello"
             assert (await conn.execute(text(
                 "SELECT candidate_id FROM message_candidates"))).scalar_one() == "C-1"
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar_one() == 1
