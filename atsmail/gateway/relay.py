@@ -63,6 +63,9 @@ IDLE_UPSTREAM_TIME = 5.0
 
 TEMPFAIL = "451 4.3.0 Temporary failure, try again later"
 STORE_UNAVAILABLE = "451 4.3.0 Capture store unavailable, try again later"
+# A message's facts, the rules' decision and its pending copy (when captured);
+# or the refusal to answer instead of the upstream's.
+Judged = tuple[MessageFacts, Decision, Prepared | None] | str
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections from your address, try again later"
 TOO_MANY_MESSAGES = "450 4.7.1 Too many messages from your address this minute, try again later"
 TOO_MANY_RECIPIENTS = ("450 4.7.1 Too many recipients from your address this minute, "
@@ -581,11 +584,24 @@ class Relay:
         # The message goes out to the upstream while it is read, judged and
         # its copy stored; only its end of data waits for those.
         judging = self._spawn(self._judge(raw, sender, list(envelope.rcpt_tos), trusted))
+        # One turn of the loop first: a message refused on its headers alone
+        # (a forged sender) is refused before any of it goes upstream, which
+        # keeps the upstream connection.
+        await asyncio.sleep(0)
+        if judging.done() and isinstance(refusal := judging.result(), str):
+            await upstream.reset()
+            return refusal
 
         async def released() -> bool:
             return not isinstance(await judging, str)
 
-        reply = await upstream.data(raw, release=released)
+        try:
+            reply = await upstream.data(raw, release=released)
+        except BaseException:
+            # Not an upstream failure (those are replies): nothing is answered
+            # from here, so a copy the judge stores is withdrawn.
+            self._spawn(self._withdraw(judging))
+            raise
         judged = await judging
         if isinstance(judged, str):
             return judged
@@ -596,7 +612,7 @@ class Relay:
         return str(reply)
 
     async def _judge(self, raw: bytes, sender: str | None, recipients: list[str],
-                     trusted: bool) -> tuple[MessageFacts, Decision, Prepared | None] | str:
+                     trusted: bool) -> Judged:
         """The message's facts, the rules' decision and its stored pending copy
         (when captured); or the refusal to answer instead of the upstream."""
         try:
@@ -622,6 +638,15 @@ class Relay:
             log.exception("could not store a capture; deferring the message")
             return STORE_UNAVAILABLE
         return facts, decision, prepared
+
+    async def _withdraw(self, judging: asyncio.Task[Judged]) -> None:
+        """Discard the copy stored for a message that gets no answer from here."""
+        try:
+            judged = await judging
+        except Exception:
+            return  # it stored nothing (and the error reached the session already)
+        if not isinstance(judged, str) and judged[2] is not None:
+            await self.writer.discard(judged[2])
 
     def _internal(self, address: str) -> bool:
         """A team member's address, or one in an internal domain."""

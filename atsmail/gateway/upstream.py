@@ -55,7 +55,8 @@ LOST = Reply(451, "4.4.2 Upstream connection lost, try again later")
 NO_SMTPUTF8 = Reply(553, "5.6.7 Non-ASCII address, and the upstream does not support SMTPUTF8")
 REWRITTEN = Reply(553, "5.1.3 Address not accepted: it would not reach the upstream as written")
 # What `data` gives when its `release` held the message back: the upstream
-# never got the end of data, so it delivers nothing.
+# never got the end of data, so it delivers nothing. A signal for the caller,
+# which answers its client with its own reason.
 WITHDRAWN = Reply(451, "4.3.0 Message withdrawn before its end of data")
 
 # Awaited before the end of data goes out: whether it may.
@@ -243,6 +244,8 @@ class SmtpSession:
         # drops what arrives while it expects no reply.
         protocol._response_pending = True
         for piece in _stuffed_pieces(content, end=release is None):
+            if not protocol.is_connected:
+                break  # it hung up, perhaps with an answer: read below
             protocol.write(piece)
             try:
                 # aiosmtplib's flow control: wait while the upstream is not reading.
@@ -260,7 +263,10 @@ class SmtpSession:
                 # (RFC 5321 3.8); there is no other way to abandon DATA.
                 self.client.close()
                 raise _Withdrawn
-            protocol.write(_end_of_data(content))
+            # An upstream that gave up waiting (a 421 on its timeout, say) has
+            # answered already and hung up: that answer is read below.
+            if protocol.is_connected:
+                protocol.write(_end_of_data(content))
         response = await protocol.read_response(timeout=self.data_timeout)
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)

@@ -26,8 +26,8 @@ from atsmail.rules import read_message
 from atsmail.storage.db import Database
 from atsmail.storage.models import (
     Candidate,
-    CapturedMessage,
     Mailbox,
+    MessageBody,
     OutboxMessage,
     TeamMember,
     new_thread_key,
@@ -146,7 +146,7 @@ class Outbox:
             if last is None:
                 return Conversation(thread.key, candidate_id)
             raw = await session.scalar(
-                select(CapturedMessage.raw).where(CapturedMessage.id == last.id))
+                select(MessageBody.raw).where(MessageBody.message_pk == last.id))
             earlier = read_message(raw or b"").references if raw else ()
             assert last.message_id is not None
             return Conversation(thread.key, candidate_id, last.message_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
@@ -17,6 +18,7 @@ import pytest
 
 from atsmail.config import Upstream
 from atsmail.gateway.server import Gateway
+from atsmail.gateway.upstream import WITHDRAWN, MaildirSession
 from atsmail.storage import Capture, Prepared, Store
 from tests.conftest import GatewayFactory, Sink, make_mail
 
@@ -34,6 +36,15 @@ class Tap:
     port: int = 0
     server: asyncio.Server | None = None
     _pipes: set[asyncio.Task[None]] = field(default_factory=set)
+    _ends: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    def hang_up(self, answer: bytes) -> None:
+        """Answer the relay in the upstream's stead and close every connection,
+        as an upstream that gives up waiting does."""
+        for writer in self._ends:
+            if writer.get_extra_info("peername")[1] != self.target:
+                writer.write(answer)
+            writer.close()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -42,6 +53,7 @@ class Tap:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._ends += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        record: bytearray | None) -> None:
@@ -127,3 +139,45 @@ async def test_the_message_is_upstream_before_its_copy_is_stored_and_ends_after(
     assert [m.content.replace(b"\r\n", b"\n") for m in sink.messages] == [raw]
     assert [(t.subject, t.message_count) for t in await team.threads("C-1")] == [
         ("Overlapped", 1)]
+
+
+async def test_an_upstream_that_answers_while_the_copy_is_stored_is_heard(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap) -> None:
+    gateway = await gateway_factory(upstream=Upstream("smtp", "127.0.0.1", tap.port))
+    reached, go = hold_prepare(gateway)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.relay.port, timeout=30)
+    await client.connect()
+    raw = make_mail(RECRUITER, ADA, "Too slow for the upstream", "The last line.\n")
+    sending = asyncio.create_task(client.sendmail(RECRUITER, [ADA], raw))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        await until(lambda: b"The last line.\r\n" in tap.upstream_bytes)
+        tap.hang_up(b"421 4.4.2 sink.test Error: timeout exceeded\r\n")
+        await asyncio.sleep(0.2)
+    finally:
+        go.set()
+    # The client hears the upstream's own answer, and the copy is withdrawn.
+    with pytest.raises(aiosmtplib.SMTPDataError) as error:
+        await sending
+    assert error.value.code == 421 and "timeout exceeded" in error.value.message
+    await client.quit()
+    assert sink.messages == []
+    assert await team.threads() == []
+    assert await gateway.store.db.run(lambda conn: conn.exec_driver_sql(
+        "SELECT count(*) FROM messages").scalar(), write=False) == 0
+
+
+async def test_a_maildir_upstream_delivers_only_what_is_released(tmp_path: Path) -> None:
+    maildir = MaildirSession(tmp_path / "Maildir")
+    raw = make_mail(RECRUITER, ADA, "Held")
+
+    async def refused() -> bool:
+        return False
+
+    async def released() -> bool:
+        return True
+
+    assert await maildir.data(raw, release=refused) is WITHDRAWN
+    assert not (tmp_path / "Maildir").exists()
+    assert (await maildir.data(raw, release=released)).ok
+    assert [p.read_bytes() for p in (tmp_path / "Maildir" / "new").iterdir()] == [raw]

@@ -383,12 +383,13 @@ async def test_an_internal_sender_from_outside_is_refused(
     assert sink.messages == []
     assert await captured(team) == []
     # A candidate's own mail from outside still arrives and is captured, in
-    # the same session (the upstream connection that carried the refused
-    # message, all but its end, was closed to withdraw it) and in a new one.
+    # the same session (over the same upstream connection: the refusal came
+    # before any of the message went upstream) and in a new one.
     await wire.transaction(ADA, ["rita@hosted.example"])
     own = crlf(make_mail(ADA, "rita@hosted.example", "My application"))
     assert code(await wire.send(own + b".\r\n")) == 250
     assert [m.content for m in sink.messages] == [own]
+    assert sink.sessions == 1
     await wire.close()
     accepted = await still_serving(port, sink, team, source=OUTSIDER)
     await nothing_lost(sink, team, [own, *accepted])

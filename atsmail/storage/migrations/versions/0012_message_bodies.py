@@ -2,6 +2,9 @@
 
 SQLite writes a whole row again to change any column of it, so confirming a
 capture wrote the message a second time; now it changes a small row only.
+On PostgreSQL the dropped column's space is freed only as rows are written
+again (`VACUUM FULL messages` frees it at once); SQLite reuses it, and
+`VACUUM` shrinks the file.
 
 Revision ID: 0012
 Revises: 0011
@@ -39,4 +42,6 @@ def downgrade() -> None:
         batch.add_column(sa.Column("raw", sa.LargeBinary(), nullable=True))
     op.execute("UPDATE messages SET raw = (SELECT raw FROM message_bodies "
                "WHERE message_pk = messages.id)")
+    with op.batch_alter_table("messages") as batch:
+        batch.alter_column("raw", existing_type=sa.LargeBinary(), nullable=False)
     op.drop_table("message_bodies")
