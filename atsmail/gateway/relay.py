@@ -583,7 +583,9 @@ class Relay:
             return BARE_LINE_END
         # The message goes out to the upstream while it is read, judged and
         # its copy stored; only its end of data waits for those.
-        judging = self._spawn(self._judge(raw, sender, list(envelope.rcpt_tos), trusted))
+        answered = asyncio.Event()
+        judging = self._spawn(self._judge(raw, sender, list(envelope.rcpt_tos), trusted,
+                                          answered))
         # One turn of the loop first: a message refused on its headers alone
         # (a forged sender) is refused before any of it goes upstream, which
         # keeps the upstream connection.
@@ -602,6 +604,8 @@ class Relay:
             # from here, so a copy the judge stores is withdrawn.
             self._spawn(self._withdraw(judging))
             raise
+        finally:
+            answered.set()
         judged = await judging
         if isinstance(judged, str):
             return judged
@@ -612,9 +616,13 @@ class Relay:
         return str(reply)
 
     async def _judge(self, raw: bytes, sender: str | None, recipients: list[str],
-                     trusted: bool) -> Judged:
+                     trusted: bool, answered: asyncio.Event) -> Judged:
         """The message's facts, the rules' decision and its stored pending copy
-        (when captured); or the refusal to answer instead of the upstream."""
+        (when captured); or the refusal to answer instead of the upstream.
+
+        No copy is stored once the upstream has `answered`: before its end
+        of data, an answer is a failure, and the copy would only be discarded.
+        """
         try:
             facts = await self._read(raw, sender, recipients)
         except Exception:
@@ -630,7 +638,7 @@ class Relay:
         except Exception:
             log.exception("could not judge a message; deferring it")
             return STORE_UNAVAILABLE
-        if not decision.capture:
+        if not decision.capture or answered.is_set():
             return facts, decision, None
         try:
             prepared = await self.writer.prepare(Capture(facts, decision, raw, "relay"))

@@ -223,8 +223,6 @@ class SmtpSession:
             return await self._run("DATA", self._send_data(content, release))
         except _Withdrawn:
             return WITHDRAWN
-        finally:
-            self._in_transaction = False
 
     async def _send_data(self, content: bytes,
                          release: Release | None) -> aiosmtplib.SMTPResponse:
@@ -237,7 +235,10 @@ class SmtpSession:
         """
         start = await self.client.execute_command(b"DATA", timeout=self.data_timeout)
         if start.code != 354:
+            # The transaction may still be open upstream: the next reset() ends it.
             raise aiosmtplib.SMTPDataError(start.code, start.message)
+        # From here it ends with the end of data, or with the connection.
+        self._in_transaction = False
         protocol = self.client.protocol
         assert protocol is not None
         # The upstream may answer as soon as the last piece is out: aiosmtplib

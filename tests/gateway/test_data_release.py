@@ -19,7 +19,7 @@ import pytest
 from atsmail.config import Upstream
 from atsmail.gateway.server import Gateway
 from atsmail.gateway.upstream import WITHDRAWN, MaildirSession
-from atsmail.storage import Capture, Prepared, Store
+from atsmail.storage import Store
 from tests.conftest import GatewayFactory, Sink, make_mail
 
 RECRUITER = "recruiter@example.com"
@@ -37,6 +37,9 @@ class Tap:
     server: asyncio.Server | None = None
     _pipes: set[asyncio.Task[None]] = field(default_factory=set)
     _ends: list[asyncio.StreamWriter] = field(default_factory=list)
+    # Answered to the relay's DATA command in the upstream's stead, when set.
+    refuse_data: bytes | None = None
+    refused: int = 0
 
     def hang_up(self, answer: bytes) -> None:
         """Answer the relay in the upstream's stead and close every connection,
@@ -61,6 +64,10 @@ class Tap:
                 while chunk := await src.read(65536):
                     if record is not None:
                         record += chunk
+                        if self.refuse_data is not None and chunk == b"DATA\r\n":
+                            self.refused += 1
+                            writer.write(self.refuse_data)
+                            continue
                     dst.write(chunk)
                     await dst.drain()
             except OSError:
@@ -90,22 +97,27 @@ async def tap(sink: Sink) -> AsyncIterator[Tap]:
     await server.stop()
 
 
-def hold_prepare(gateway: Gateway) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make the relay's store wait before writing each pending copy.
+def hold(owner: Any, name: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make `owner`'s coroutine method `name` wait before it runs.
 
-    Returns (reached, go): `reached` is set when a copy is about to be
-    written, which then waits for `go` and is written by the real writer.
+    Returns (reached, go): `reached` is set when it is called, and the real
+    method runs once `go` is set.
     """
     reached, go = asyncio.Event(), asyncio.Event()
-    prepare: Callable[[Capture], Awaitable[Prepared]] = gateway.writer.prepare
+    method: Callable[..., Awaitable[Any]] = getattr(owner, name)
 
-    async def held(capture: Capture) -> Prepared:
+    async def held(*args: Any) -> Any:
         reached.set()
         await go.wait()
-        return await prepare(capture)
+        return await method(*args)
 
-    gateway.writer.prepare = held  # type: ignore[method-assign]
+    setattr(owner, name, held)
     return reached, go
+
+
+def hold_prepare(gateway: Gateway) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the relay's store wait before writing each pending copy."""
+    return hold(gateway.writer, "prepare")
 
 
 async def until(condition: Callable[[], Any]) -> None:
@@ -181,3 +193,39 @@ async def test_a_maildir_upstream_delivers_only_what_is_released(tmp_path: Path)
     assert not (tmp_path / "Maildir").exists()
     assert (await maildir.data(raw, release=released)).ok
     assert [p.read_bytes() for p in (tmp_path / "Maildir" / "new").iterdir()] == [raw]
+
+
+async def test_no_copy_is_stored_once_the_upstream_has_failed(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap) -> None:
+    gateway = await gateway_factory(upstream=Upstream("smtp", "127.0.0.1", tap.port))
+    reached, go = hold(gateway.relay, "_decide")
+    prepared = []
+    prepare = gateway.writer.prepare
+
+    async def counted(capture: Any) -> Any:
+        prepared.append(capture)
+        return await prepare(capture)
+
+    gateway.writer.prepare = counted  # type: ignore[method-assign]
+    tap.refuse_data = b"554 5.5.1 sink.test Error: no valid recipients\r\n"
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.relay.port, timeout=30)
+    await client.connect()
+    raw = make_mail(RECRUITER, ADA, "Refused upstream")
+    sending = asyncio.create_task(client.sendmail(RECRUITER, [ADA], raw))
+    try:
+        await asyncio.wait_for(reached.wait(), 10)
+        await until(lambda: tap.refused == 1)
+        await asyncio.sleep(0.2)  # the relay reads the refusal
+    finally:
+        go.set()
+    with pytest.raises(aiosmtplib.SMTPDataError) as error:
+        await sending
+    assert error.value.code == 554 and "no valid recipients" in error.value.message
+    # Judged as candidate mail, but its copy would only have been discarded.
+    assert prepared == [] and sink.messages == []
+    assert await team.threads() == []
+    # The upstream connection is still good for the next message.
+    tap.refuse_data = None
+    await client.sendmail(RECRUITER, [ADA], make_mail(RECRUITER, ADA, "Next"))
+    await client.quit()
+    assert len(sink.messages) == 1 and tap.connections == 1
