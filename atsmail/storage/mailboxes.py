@@ -329,8 +329,9 @@ class Mailboxes:
                     .with_for_update(skip_locked=True)))
                 if wanted:
                     held += await session.scalars(
+                        # The state the last holder left says nothing of this one.
                         update(Mailbox).where(Mailbox.address.in_(wanted), connected, free)
-                        .values(lease_holder=holder, lease_until=until)
+                        .values(lease_holder=holder, lease_until=until, state="connecting")
                         .returning(Mailbox.address),
                         execution_options={"synchronize_session": False})
         held.sort()
