@@ -40,7 +40,6 @@ import collections
 import functools
 import gc
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -55,11 +54,8 @@ from relay import (  # this folder is not a package
     Processes,
     captured_count,
     drive,
-    free_port,
-    seed_store,
-    start_sink,
+    relay_with_store,
     workspace,
-    write_relay_config,
 )
 
 # The steps timed, as (label, class, method); the classes are looked up late.
@@ -207,12 +203,7 @@ def main(argv: Sequence[str]) -> int:
     with workspace(opts.keep) as workdir:
         procs = Processes(workdir)
         try:
-            kind, sink_port = start_sink(procs)
-            port = free_port()
-            config = write_relay_config(workdir, port, sink_port)
-            subprocess.run([sys.executable, "-m", "atsmail", "--config", str(config), "init"],
-                           check=True, cwd=workdir, stdout=subprocess.DEVNULL)
-            seed_store(config, opts.candidates)
+            kind, port, config = relay_with_store(procs, workdir, opts.candidates)
             return uvloop.run(measure(opts, procs, config, port, kind))
         finally:
             procs.stop_all()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import smtplib
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -43,13 +42,10 @@ from relay import (  # this folder is not a package
     RECRUITER,
     Processes,
     candidate_address,
-    free_port,
-    seed_store,
-    start_sink,
+    relay_with_store,
     status_kib,
     wait_for_port,
     workspace,
-    write_relay_config,
 )
 
 MIB = 1024 * 1024
@@ -118,13 +114,8 @@ def run(opts: argparse.Namespace) -> int:
     with workspace(opts.keep) as workdir:
         procs = Processes(workdir)
         try:
-            _, sink_port = start_sink(procs)
-            relay_port = free_port()
-            config = write_relay_config(workdir, relay_port, sink_port)
+            _, relay_port, config = relay_with_store(procs, workdir, 1)
             atsmail = [sys.executable, "-m", "atsmail", "--config", str(config)]
-            subprocess.run([*atsmail, "init"], check=True, cwd=workdir,
-                           stdout=subprocess.DEVNULL)
-            seed_store(config, 1)
             gateway, log = procs.start("gateway", [*atsmail, "serve"])
             wait_for_port(relay_port, gateway, log)
             # A small message first: everything a message uses is loaded.

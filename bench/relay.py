@@ -596,6 +596,18 @@ def write_relay_config(workdir: Path, port: int, sink_port: int) -> Path:
     return config
 
 
+def relay_with_store(procs: Processes, workdir: Path, candidates: int) -> tuple[str, int, Path]:
+    """A sink, and a relay configuration for a free port that relays to it,
+    its store made and seeded: (the sink's kind, the relay's port, the config)."""
+    sink_kind, sink_port = start_sink(procs)
+    port = free_port()
+    config = write_relay_config(workdir, port, sink_port)
+    subprocess.run([sys.executable, "-m", "atsmail", "--config", str(config), "init"],
+                   check=True, cwd=workdir, stdout=subprocess.DEVNULL)
+    seed_store(config, candidates)
+    return sink_kind, port, config
+
+
 def seed_store(config_path: Path, candidates: int) -> None:
     from atsmail.config import load_config
     from atsmail.storage import Store
