@@ -606,6 +606,15 @@ class Relay:
             raise
         finally:
             answered.set()
+        if not judging.done():
+            # The upstream gave up before the end of data: its answer goes
+            # back now, and the judge's copy, if it stores one, is withdrawn.
+            self._spawn(self._conclude(judging, reply))
+            return str(reply)
+        return await self._conclude(judging, reply)
+
+    async def _conclude(self, judging: asyncio.Task[Judged], reply: Reply) -> str:
+        """Settle the message's copy by the upstream's answer; the answer to give."""
         judged = await judging
         if isinstance(judged, str):
             return judged

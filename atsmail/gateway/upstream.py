@@ -17,10 +17,11 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiosmtplib
 from aiosmtplib.email import parse_address
+from aiosmtplib.protocol import SMTPProtocol
 
 from atsmail.config import Upstream
 
@@ -253,25 +254,56 @@ class SmtpSession:
                 await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
             except TimeoutError:
                 raise aiosmtplib.SMTPTimeoutError("upstream stopped reading the message") from None
-        if release is not None:
-            try:
-                released = await release()
-            except BaseException:
+        if release is None:
+            response = await protocol.read_response(timeout=self.data_timeout)
+        else:
+            response = await self._end_when_released(protocol, content, release)
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
+
+    async def _end_when_released(self, protocol: SMTPProtocol, content: bytes,
+                                 release: Release) -> aiosmtplib.SMTPResponse:
+        """The upstream's answer to the end of data, sent once `release()` allows.
+
+        An upstream that answers first (a 421 when it gives up waiting, or a
+        hang-up) is heard at once: `release()` is left to finish on its own.
+        """
+        # No time limit while held: the upstream keeps its own.
+        answer = asyncio.ensure_future(protocol.read_response())
+        releasing = asyncio.ensure_future(release())
+        # Whichever is not awaited below still has its outcome taken.
+        for task in (answer, releasing):
+            task.add_done_callback(_outcome_taken)
+        try:
+            await asyncio.wait((answer, releasing), return_when=asyncio.FIRST_COMPLETED)
+            if answer.done():
+                # Before its end of data, any answer is a failure, and the
+                # transaction cannot go on: nothing was delivered.
                 self.client.close()
-                raise
-            if not released:
+                early = answer.result()
+                if early.code == 250:
+                    raise aiosmtplib.SMTPServerDisconnected(
+                        "the upstream accepted the message before its end of data")
+                return early
+            if not releasing.result():
                 # A transaction cut off before its end of data delivers nothing
                 # (RFC 5321 3.8); there is no other way to abandon DATA.
                 self.client.close()
                 raise _Withdrawn
-            # An upstream that gave up waiting (a 421 on its timeout, say) has
-            # answered already and hung up: that answer is read below.
+            # An upstream that hung up in the same moment: its answer is read.
             if protocol.is_connected:
                 protocol.write(_end_of_data(content))
-        response = await protocol.read_response(timeout=self.data_timeout)
-        if response.code != 250:
-            raise aiosmtplib.SMTPDataError(response.code, response.message)
-        return response
+            try:
+                return await asyncio.wait_for(answer, self.data_timeout)
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response") from None
+        except BaseException:
+            self.client.close()
+            raise
+        finally:
+            answer.cancel()
 
     async def reset(self) -> None:
         if self._in_transaction and self.usable:
@@ -289,6 +321,12 @@ class SmtpSession:
 
 class _Withdrawn(Exception):
     """The message was held back before its end of data."""
+
+
+def _outcome_taken(task: asyncio.Future[Any]) -> None:
+    """Take a finished task's exception, so that none goes unheard in the log."""
+    if not task.cancelled():
+        task.exception()
 
 
 # Bytes of a message written to the upstream at a time.
