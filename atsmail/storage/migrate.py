@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -18,8 +20,20 @@ def _alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return cfg
 
 
-def _upgrade(connection: Connection) -> None:
-    command.upgrade(_alembic_config(connection), "head")
+def _move_to(revision: str) -> Callable[[Connection], None]:
+    """Upgrade to `revision`, or downgrade when it comes before the store's."""
+    def move(connection: Connection) -> None:
+        config = _alembic_config(connection)
+        current = MigrationContext.configure(connection).get_current_revision()
+        older = revision == "base" or (
+            current is not None and revision not in ("head", current) and revision in {
+                script.revision for script in
+                ScriptDirectory.from_config(config).iterate_revisions(current, "base")})
+        if older:
+            command.downgrade(config, revision)
+        else:
+            command.upgrade(config, revision)
+    return move
 
 
 def _is_current(connection: Connection) -> bool:
@@ -31,7 +45,8 @@ class MigrationError(RuntimeError):
     pass
 
 
-async def migrate(db: Database) -> None:
+async def migrate(db: Database, revision: str = "head") -> None:
+    """Bring the schema to `revision`: the newest, or an older one to go back to."""
     async with db.writer.connect() as conn:
         driver = None
         if db.is_sqlite:
@@ -46,11 +61,11 @@ async def migrate(db: Database) -> None:
             await driver.execute("PRAGMA foreign_keys=OFF")
         try:
             async with conn.begin():
-                await conn.run_sync(_upgrade)
+                await conn.run_sync(_move_to(revision))
                 if driver is not None:
                     broken = (await conn.exec_driver_sql("PRAGMA foreign_key_check")).all()
                     if broken:
-                        raise MigrationError(f"the upgrade would leave rows pointing nowhere: "
+                        raise MigrationError(f"the migration would leave rows pointing nowhere: "
                                              f"{broken[:5]}")
         finally:
             if driver is not None:

@@ -161,11 +161,11 @@ class Store:
     async def close(self) -> None:
         await self.db.close()
 
-    async def migrate(self) -> None:
+    async def migrate(self, revision: str = "head") -> None:
         path = self.db.sqlite_path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        await migrate(self.db)
+        await migrate(self.db, revision)
 
     async def ensure_current(self) -> None:
         path = self.db.sqlite_path

@@ -1,14 +1,37 @@
-"""Upgrading a store that holds mail keeps all of it."""
+"""Migrations keep the mail a store holds, going up and coming back down."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from sqlalchemy import text
 
 from atsmail.storage import Store
-from atsmail.storage.migrate import _alembic_config
+from atsmail.storage.migrate import is_current
+
+
+async def _populate_at_0004(store: Store) -> None:
+    """One captured message of candidate C-1's, as 0004 stored it."""
+    await store.migrate("0004")
+    async with store.db.writer.begin() as conn:
+        await conn.execute(text(
+            "INSERT INTO threads (id, subject, created_at, last_date) "
+            "VALUES (1, 'Interview', '2026-01-01', '2026-01-01')"))
+        await conn.execute(text(
+            "INSERT INTO candidates (id, name, created_at) "
+            "VALUES ('C-1', 'Ada', '2026-01-01')"))
+        await conn.execute(text(
+            "INSERT INTO messages (id, thread_id, capture_key, state, direction, source, "
+            "from_addr, to_addrs, cc_addrs, subject, size, raw, trace, created_at) "
+            "VALUES (1, 1, 'mid:a@b', 'confirmed', 'inbound', 'relay', 'ada@a.test', '[]', "
+            "'[]', 'Interview', 5, :raw, '[]', '2026-01-01')"), {"raw": b"hello"})
+        await conn.execute(text(
+            "INSERT INTO message_candidates (message_pk, candidate_id) VALUES (1, 'C-1')"))
+
+
+async def _scalar(store: Store, sql: str) -> object:
+    async with store.db.reader.connect() as conn:
+        return (await conn.execute(text(sql))).scalar_one()
 
 
 async def test_upgrading_a_populated_sqlite_store_loses_no_row(tmp_path: Path) -> None:
@@ -16,28 +39,36 @@ async def test_upgrading_a_populated_sqlite_store_loses_no_row(tmp_path: Path) -
     # with ON DELETE CASCADE; later ones rebuild others.
     store = Store.open(f"sqlite+aiosqlite:///{tmp_path}/old.db")
     try:
-        async with store.db.writer.begin() as conn:
-            await conn.run_sync(lambda c: command.upgrade(_alembic_config(c), "0004"))
-            await conn.execute(text(
-                "INSERT INTO threads (id, subject, created_at, last_date) "
-                "VALUES (1, 'Interview', '2026-01-01', '2026-01-01')"))
-            await conn.execute(text(
-                "INSERT INTO candidates (id, name, created_at) "
-                "VALUES ('C-1', 'Ada', '2026-01-01')"))
-            await conn.execute(text(
-                "INSERT INTO messages (id, thread_id, capture_key, state, direction, source, "
-                "from_addr, to_addrs, cc_addrs, subject, size, raw, trace, created_at) "
-                "VALUES (1, 1, 'mid:a@b', 'confirmed', 'inbound', 'relay', 'ada@a.test', '[]', "
-                "'[]', 'Interview', 5, x'68656c6c6f', '[]', '2026-01-01')"))
-            await conn.execute(text(
-                "INSERT INTO message_candidates (message_pk, candidate_id) VALUES (1, 'C-1')"))
+        await _populate_at_0004(store)
         await store.migrate()
-        async with store.db.writer.begin() as conn:
-            assert (await conn.execute(text(
-                "SELECT raw FROM message_bodies WHERE message_pk = 1"))).scalar_one() == b"hello"
-            assert (await conn.execute(text(
-                "SELECT candidate_id FROM message_candidates"))).scalar_one() == "C-1"
+        assert await _scalar(store, "SELECT raw FROM message_bodies WHERE message_pk = 1") \
+            == b"hello"
+        assert await _scalar(store, "SELECT candidate_id FROM message_candidates") == "C-1"
+        async with store.db.writer.connect() as conn:
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar_one() == 1
-        assert (await store.candidate_messages("C-1"))
+        assert await store.candidate_messages("C-1")
+        assert await is_current(store.db)
+    finally:
+        await store.close()
+
+
+async def test_every_migration_comes_down_and_goes_up_again_with_the_mail(
+        store_url: str) -> None:
+    store = Store.open(store_url)
+    try:
+        # Every downgrade, on an empty store; then every upgrade, on one with mail.
+        await store.migrate("base")
+        assert await _scalar(store, "SELECT count(*) FROM alembic_version") == 0
+        await _populate_at_0004(store)
+        await store.migrate()
+        assert await store.candidate_messages("C-1")
+        # Back to before the message bodies had a table of their own, and up again.
+        await store.migrate("0011")
+        assert await _scalar(store, "SELECT raw FROM messages WHERE id = 1") == b"hello"
+        await store.migrate()
+        assert await _scalar(store, "SELECT raw FROM message_bodies WHERE message_pk = 1") \
+            == b"hello"
+        assert await _scalar(store, "SELECT candidate_id FROM message_candidates") == "C-1"
+        assert await is_current(store.db)
     finally:
         await store.close()
