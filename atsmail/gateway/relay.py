@@ -242,25 +242,25 @@ class RelayProtocol(SMTP):
             try:
                 piece = await reader.readuntil(b".\r\n")
                 dot = len(piece) - 3
-                if (piece[dot - 2:dot] if dot >= 2 else (tail + piece[:dot])[-2:]) == b"\r\n":
-                    piece, ended = piece[:dot], True
-                else:
-                    ended = False
+                ended = (piece[dot - 2:dot] if dot >= 2
+                         else (tail + piece[:dot])[-2:]) == b"\r\n"
             except asyncio.LimitOverrunError as overrun:
                 # Not in what has arrived yet: take what cannot be part of it.
                 piece, ended = await reader.readexactly(overrun.consumed), False
+                dot = len(piece)
             if piece:
-                size += len(piece)
-                line, longest = _line_lengths(line, piece)
+                end = dot if ended else len(piece)
+                size += end
+                line, too_long = _line_lengths(line, piece, end)
                 if refusal is None and limit and size > limit:
                     refusal = TOO_MUCH_DATA
-                elif refusal is None and longest > MAX_LINE:
+                elif refusal is None and too_long:
                     refusal = LINE_TOO_LONG
                 if refusal is None:
-                    data += (tail + piece).replace(b"\r\n.", b"\r\n")[2:]
+                    data += _unstuffed(piece, end, tail)
                 else:
                     del data[:]
-                tail = (tail + piece)[-2:]
+                tail = (tail + piece[-2:])[-2:]
             if ended:
                 return bytes(data), refusal
 
@@ -739,19 +739,49 @@ class Relay:
         }))
 
 
-def _line_lengths(unfinished: int, piece: bytes) -> tuple[int, int]:
-    """Given `unfinished` bytes of a line before `piece`: the bytes of the line
-    that `piece` leaves unfinished, and the longest line in it (up to its <LF>)."""
-    last = piece.rfind(b"\n")
-    if last < 0:
-        line = unfinished + len(piece)
-        return line, line
-    first = piece.find(b"\n")
-    longest = unfinished + first
-    if last - first > MAX_LINE:  # only then can a line between them be too long
-        longest = max(longest, *map(len, piece[first + 1:last].split(b"\n")))
-    rest = len(piece) - last - 1
-    return rest, max(longest, rest)
+# A line longer than MAX_LINE holds a whole block of this many bytes that
+# starts at a multiple of it: looking for a <LF> in each block finds the
+# lines worth measuring without cutting the data into lines.
+_LINE_BLOCK = MAX_LINE // 2
+
+
+def _line_lengths(unfinished: int, piece: bytes, end: int) -> tuple[int, bool]:
+    """Given `unfinished` bytes of a line before `piece[:end]`: the bytes of the
+    line it leaves unfinished, and whether it has a line longer than MAX_LINE
+    (counted up to its <LF>)."""
+    first = piece.find(b"\n", 0, end)
+    if first < 0:
+        line = unfinished + end
+        return line, line > MAX_LINE
+    last = piece.rfind(b"\n", 0, end)
+    rest = end - last - 1
+    if unfinished + first > MAX_LINE or rest > MAX_LINE:
+        return rest, True
+    for block in range(first + 1, last - _LINE_BLOCK + 1, _LINE_BLOCK):
+        if piece.find(b"\n", block, block + _LINE_BLOCK) < 0:
+            start = piece.rfind(b"\n", first, block)
+            if piece.find(b"\n", block, last + 1) - start - 1 > MAX_LINE:
+                return rest, True
+    return rest, False
+
+
+def _unstuffed(piece: bytes, end: int, tail: bytes) -> bytes | memoryview:
+    """`piece[:end]` without its transparency dots: those after a <CR><LF>,
+    including one that `tail`, the two bytes sent before it, begins.
+
+    Most mail has none, and then nothing is copied.
+    """
+    body: bytes | memoryview = piece
+    if piece.find(b"\r\n.", 0, end) >= 0:
+        body = piece[:end].replace(b"\r\n.", b"\r\n")
+    elif end < len(piece):
+        body = memoryview(piece)[:end]
+    head = piece[:min(end, 2)]
+    if tail == b"\r\n" and head[:1] == b".":
+        return body[1:]
+    if tail[-1:] == b"\r" and head == b"\n.":
+        return b"\n" + body[2:]
+    return body
 
 
 @functools.lru_cache(maxsize=4096)

@@ -248,7 +248,8 @@ class SmtpSession:
         for piece in _stuffed_pieces(content, end=release is None):
             if not protocol.is_connected:
                 break  # it hung up, perhaps with an answer: read below
-            protocol.write(piece)
+            # Typed as bytes, but handed to the transport, which takes any buffer.
+            protocol.write(piece)  # type: ignore[arg-type]
             try:
                 # aiosmtplib's flow control: wait while the upstream is not reading.
                 await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
@@ -333,20 +334,23 @@ def _outcome_taken(task: asyncio.Future[Any]) -> None:
 DATA_PIECE = 256 * 1024
 
 
-def _stuffed_pieces(content: bytes, end: bool = True) -> Iterator[bytes]:
+def _stuffed_pieces(content: bytes, end: bool = True) -> Iterator[bytes | memoryview]:
     """`content` as the data of an SMTP DATA command, in pieces of about
     DATA_PIECE bytes that end at line ends: each line starting with a dot
     gets another (RFC 5321 4.5.2), and with `end` the end of data, in the
-    last piece, ends it."""
+    last piece, ends it. A piece with no such line is not copied."""
     start = 0
+    whole = memoryview(content)
     while True:
         cut = content.find(b"\r\n", start + DATA_PIECE)
         stop = len(content) if cut < 0 else cut + 2
-        piece = content[start:stop].replace(b"\r\n.", b"\r\n..")
-        if piece.startswith(b"."):
+        piece: bytes | memoryview = whole[start:stop]
+        if content.find(b"\r\n.", start, stop) >= 0:
+            piece = content[start:stop].replace(b"\r\n.", b"\r\n..")
+        if content[start:start + 1] == b".":
             piece = b"." + piece
         if stop == len(content):
-            yield piece + _end_of_data(content) if end else piece
+            yield b"".join((piece, _end_of_data(content))) if end else piece
             return
         yield piece
         start = stop

@@ -9,12 +9,13 @@ must be the message, byte for byte, without its transparency dots.
 from __future__ import annotations
 
 import asyncio
+import random
 import smtplib
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from atsmail.gateway.relay import MAX_LINE, _line_lengths
+from atsmail.gateway.relay import MAX_LINE, _line_lengths, _unstuffed
 from atsmail.gateway.server import Gateway
 from atsmail.gateway.upstream import DATA_PIECE, _end_of_data, _stuffed_pieces
 from atsmail.storage import Store
@@ -45,16 +46,46 @@ def dotted(lines: int = 40_000) -> bytes:
 
 
 @pytest.mark.parametrize(("unfinished", "piece", "expected"), [
-    (0, b"abc", (3, 3)),
-    (5, b"abc", (8, 8)),
-    (5, b"ab\r\ncd", (2, 8)),
-    (0, b"a\n" + b"b" * 2000 + b"\nc", (1, 2000)),
-    (0, b"\n" * 3000, (0, 0)),
-    (MAX_LINE, b"\r\n", (0, MAX_LINE + 1)),
+    (0, b"abc", (3, False)),
+    (5, b"abc", (8, False)),
+    (5, b"ab\r\ncd", (2, False)),
+    (0, b"a\n" + b"b" * 2000 + b"\nc", (1, True)),
+    (0, b"\n" * 3000, (0, False)),
+    (MAX_LINE, b"\r\n", (0, True)),
+    (MAX_LINE - 1, b"\r\n", (0, False)),
+    (0, b"x" * (MAX_LINE + 1), (MAX_LINE + 1, True)),
 ])
 def test_line_lengths_carry_across_pieces(unfinished: int, piece: bytes,
-                                          expected: tuple[int, int]) -> None:
-    assert _line_lengths(unfinished, piece) == expected
+                                          expected: tuple[int, bool]) -> None:
+    assert _line_lengths(unfinished, piece, len(piece)) == expected
+
+
+def test_line_lengths_find_every_line_too_long_wherever_it_lies() -> None:
+    # Against the plain way (cutting the data into lines), over lines of
+    # every length around the limit, at every offset and in every cut.
+    rng = random.Random(5)
+    for _ in range(3000):
+        lengths = [rng.choice([0, 1, 80, MAX_LINE - 1, MAX_LINE, MAX_LINE + 1,
+                               rng.randrange(3 * MAX_LINE)]) for _ in range(rng.randrange(1, 8))]
+        data = b"\n".join(b"y" * n for n in lengths)
+        unfinished = rng.choice([0, 1, MAX_LINE // 2, MAX_LINE])
+        end = rng.randrange(len(data) + 1)
+        lines = [len(line) for line in data[:end].split(b"\n")]
+        lines[0] += unfinished
+        assert _line_lengths(unfinished, data, end) == (lines[-1], max(lines) > MAX_LINE), (
+            lengths, unfinished, end)
+
+
+def test_unstuffing_drops_the_dots_that_follow_a_line_end_even_across_pieces() -> None:
+    # Against the plain way: the two bytes sent before, then the piece, with
+    # every dot after a <CR><LF> removed; the end of data cut off at `end`.
+    rng = random.Random(7)
+    for _ in range(5000):
+        piece = bytes(rng.choice(b"\r\n.a") for _ in range(rng.randrange(12)))
+        tail = bytes(rng.choice(b"\r\n.a") for _ in range(2))
+        end = rng.randrange(len(piece) + 1)
+        expected = (tail + piece[:end]).replace(b"\r\n.", b"\r\n")[2:]
+        assert bytes(_unstuffed(piece, end, tail)) == expected, (tail, piece, end)
 
 
 @pytest.mark.parametrize("piece_size", [1, 7, 4096, 1 << 20])
@@ -185,15 +216,15 @@ def as_aiosmtplib_writes(content: bytes) -> bytes:
 ], ids=["plain", "unended", "dots", "dotted-lines", "piece-edges", "one-long-line"])
 def test_the_data_written_upstream_is_stuffed_and_ended_in_its_last_piece(
         content: bytes) -> None:
-    pieces = list(_stuffed_pieces(content))
+    pieces = [bytes(piece) for piece in _stuffed_pieces(content)]
     assert b"".join(pieces) == as_aiosmtplib_writes(content)
     assert pieces[-1].endswith(b"\r\n.\r\n") and len(pieces[-1]) > 3
     assert all(piece.endswith(b"\r\n") for piece in pieces)  # cut at line ends
     # Held back for a later write, the end of data follows the same pieces.
-    held = list(_stuffed_pieces(content, end=False))
+    held = [bytes(piece) for piece in _stuffed_pieces(content, end=False)]
     assert b"".join(held) + _end_of_data(content) == as_aiosmtplib_writes(content)
     assert held[:-1] == pieces[:-1]
 
 
 def test_empty_data_is_only_the_end_marker() -> None:
-    assert list(_stuffed_pieces(b"")) == [b".\r\n"]
+    assert [bytes(piece) for piece in _stuffed_pieces(b"")] == [b".\r\n"]
