@@ -60,6 +60,8 @@ from relay import (  # this folder is not a package
 
 # The steps timed, as (label, class, method); the classes are looked up late.
 STEPS = [
+    ("receive the data (before the steps below)", "atsmail.gateway.relay:RelayProtocol",
+     "_read_data"),
     ("read the message", "atsmail.gateway.relay:Relay", "_read"),
     ("rules and look-up", "atsmail.gateway.relay:Relay", "_decide"),
     ("pending copy committed", "atsmail.storage.capture:CaptureWriter", "prepare"),

@@ -46,8 +46,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("atsmail.decisions")
 
-# Messages larger than this are parsed in a worker thread, so one big
-# message does not stall every other session.
+# Messages larger than this are read and judged in a worker thread, so one
+# big message does not stall every other session.
 PARSE_IN_THREAD_ABOVE = 256 * 1024
 
 # Tries to confirm (or withdraw) a capture after the upstream's answer.
@@ -108,13 +108,6 @@ def normalise_line_ends(raw: bytes) -> bytes | None:
     if b"\r" in lines or _LONE_DOT.search(lines):
         return None
     return lines.replace(b"\n.", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
-
-
-def _read_fully(raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
-    """Headers and, when the rules may want it, the body: for a worker thread."""
-    facts = read_message(raw, sender, recipients)
-    facts.forward  # noqa: B018 - computed here, off the event loop, and cached
-    return facts
 
 
 class RelaySession(Session):
@@ -677,9 +670,15 @@ class Relay:
         inbox = self.config.capture.ats_inbox
         directory = self.directory
         # Most company mail is settled by the headers and the directory alone
-        # (bulk, or no team member taking part): no store read for it.
-        quick = decide(facts, Context(internal_domains=directory.domains, team=directory.team,
-                                      capture_forwards=forwards), stop_at_veto=True)
+        # (bulk, or no team member taking part): no store read for it, and
+        # its body, attachments and all, is never parsed (the rules read it
+        # only past those vetoes, for a forward).
+        context = Context(internal_domains=directory.domains, team=directory.team,
+                          capture_forwards=forwards)
+        if facts.size > PARSE_IN_THREAD_ABOVE:
+            quick = await asyncio.to_thread(decide, facts, context, True)
+        else:
+            quick = decide(facts, context, stop_at_veto=True)
         if quick.vetoed:
             return quick
 
@@ -700,7 +699,7 @@ class Relay:
 
     async def _read(self, raw: bytes, sender: str | None, recipients: list[str]) -> MessageFacts:
         if len(raw) > PARSE_IN_THREAD_ABOVE:
-            return await asyncio.to_thread(_read_fully, raw, sender, recipients)
+            return await asyncio.to_thread(read_message, raw, sender, recipients)
         return read_message(raw, sender, recipients)
 
     async def _settle(self, prepared: Prepared, reply: Reply, facts: MessageFacts) -> None:

@@ -7,9 +7,14 @@ received and what the store captured, on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 import logging
+import random
+from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -17,7 +22,9 @@ from aiosmtpd.smtp import SMTP
 from sqlalchemy import text
 
 from atsmail.config import Upstream
+from atsmail.gateway.relay import PARSE_IN_THREAD_ABOVE
 from atsmail.gateway.server import Gateway
+from atsmail.rules import message as message_module
 from atsmail.storage import Store
 from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
 
@@ -463,3 +470,41 @@ async def test_each_connection_gets_a_protocol_of_its_own(relay: Gateway) -> Non
             await client.rcpt(ADA)
             assert (await client.data(make_mail(RECRUITER, ADA, "Apart", "x"))).code == 250
 
+
+
+def with_attachment(raw: bytes, size: int) -> bytes:
+    """`raw` with a PDF of `size` random bytes attached (base64)."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    message.add_attachment(random.Random(size).randbytes(size), maintype="application",
+                           subtype="pdf", filename="cv.pdf")
+    return message.as_bytes()
+
+
+async def test_a_large_message_is_parsed_for_a_forward_only_past_the_header_vetoes(
+        relay: Gateway, sink: Sink, team: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Parsing a 1 MB attachment takes the email parser about 15 ms; most
+    # company mail never needs it.
+    parsed = []
+    read_forward = message_module._read_forward
+
+    def counted(msg: Any, subject: str) -> Any:
+        parsed.append(subject)
+        return read_forward(msg, subject)
+
+    monkeypatch.setattr(message_module, "_read_forward", counted)
+    size = 2 * PARSE_IN_THREAD_ABOVE
+    company = with_attachment(make_mail("colleague@example.com", "orders@supplier.test",
+                                        "Invoice"), size)
+    assert await send(relay, company, "colleague@example.com", ["orders@supplier.test"]) == 250
+    assert parsed == []
+    # A forward of a candidate's mail with its CV is still read as one.
+    forward = with_attachment(make_mail(
+        RECRUITER, "hiring.manager@example.com", "Fwd: My CV",
+        "Have a look.\n\n---------- Forwarded message ---------\n"
+        f"From: Ada Applicant <{ADA}>\nSubject: My CV\nTo: <{RECRUITER}>\n\nMy CV.\n"), size)
+    assert await send(relay, forward, RECRUITER, ["hiring.manager@example.com"]) == 250
+    assert parsed == ["Fwd: My CV"]
+    assert [m.content for m in sink.messages] == [crlf(company), crlf(forward)]
+    assert [(t.subject, t.message_count) for t in await team.threads("C-1")] == [
+        ("Fwd: My CV", 1)]
