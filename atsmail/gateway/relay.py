@@ -349,8 +349,10 @@ class Relay:
             if protocol.transport is not None:
                 protocol.transport.close()
         self._let_idle_go(everyone=True)
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        # Including what those tasks spawn as they end (a copy settled
+        # after the upstream's early answer, say).
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
         for server in self._servers:
             await server.wait_closed()
         self._servers = []

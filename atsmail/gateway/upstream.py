@@ -283,9 +283,11 @@ class SmtpSession:
                 # transaction cannot go on: nothing was delivered.
                 self.client.close()
                 early = answer.result()
-                if early.code == 250:
+                if early.code < 400:
+                    # Not a refusal (a 250, or a 221 as it hung up): passed
+                    # on, the client would take it for a delivery.
                     raise aiosmtplib.SMTPServerDisconnected(
-                        "the upstream accepted the message before its end of data")
+                        f"the upstream answered {early.code} before the end of data")
                 return early
             if not releasing.result():
                 # A transaction cut off before its end of data delivers nothing

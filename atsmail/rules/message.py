@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import html
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.errors import MessageError
@@ -21,7 +21,8 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 from email.utils import getaddresses, parsedate_to_datetime
-from functools import cached_property, lru_cache
+from functools import lru_cache
+from typing import Any, Generic, TypeVar, overload
 
 from atsmail.rules.addresses import addresses_in_text, try_normalize
 
@@ -97,6 +98,38 @@ class Forward:
         return self.subject_prefix or self.attached or self.inline
 
 
+T = TypeVar("T")
+
+
+class _cached(Generic[T]):
+    """`functools.cached_property` without its lock.
+
+    In Python 3.11 that lock is one for all instances of a class: a large
+    message's forward, read in a worker thread, held up every other
+    message's on the event loop for as long. A value computed twice by
+    two threads is harmless: each is a pure function of the message.
+    """
+
+    def __init__(self, func: Callable[[Any], T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _cached[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> T | _cached[T]:
+        if instance is None:
+            return self
+        value = self.func(instance)
+        # Seen first from now on, as the instance's own attribute.
+        instance.__dict__[self.name] = value
+        return value
+
+
 @dataclass(frozen=True)
 class MessageFacts:
     message_id: str | None
@@ -118,7 +151,7 @@ class MessageFacts:
     raw: bytes = field(repr=False)
     defects: tuple[str, ...] = field(default=())
 
-    @cached_property
+    @_cached
     def forward(self) -> Forward:
         """Read from the body on first use, and only when a forward is possible."""
         start = self.raw[:FORWARD_SCAN_LIMIT]
@@ -150,7 +183,7 @@ class MessageFacts:
         return tuple(dict.fromkeys(
             (*self.in_reply_to, *self.references, *self.forward.original_message_ids)))
 
-    @cached_property
+    @_cached
     def content_hash(self) -> str:
         return hashlib.sha256(self.raw).hexdigest()
 

@@ -156,7 +156,9 @@ async def test_the_message_is_upstream_before_its_copy_is_stored_and_ends_after(
 @pytest.mark.parametrize(("answer", "heard"), [
     (b"421 4.4.2 sink.test Error: timeout exceeded\r\n", (421, "timeout exceeded")),
     (b"", (451, "Upstream connection lost")),
-], ids=["421", "hang-up"])
+    # Not a refusal, but no delivery either: passed on, it would be taken for one.
+    (b"221 2.0.0 Bye\r\n", (451, "Upstream connection lost")),
+], ids=["421", "hang-up", "221"])
 async def test_an_upstream_that_gives_up_while_the_copy_is_stored_is_heard_at_once(
         gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap,
         answer: bytes, heard: tuple[int, str]) -> None:

@@ -9,6 +9,7 @@ feeds it the junk a public MTA sees.
 from __future__ import annotations
 
 import hashlib
+import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 
 from atsmail.rules import Context, MessageFacts, decide, read_message
+from atsmail.rules import message as message_module
+from tests.conftest import make_mail
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -621,3 +624,34 @@ def test_an_address_header_read_again_gives_the_same_addresses_and_defects(paddi
     assert "ann@example.com" in again.to
     assert first.defects == again.defects
     assert any("undecodable" in d for d in again.defects)
+
+
+def test_a_forward_read_in_one_thread_holds_up_no_other_message(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The relay reads a large message's forward in a worker thread while the
+    # event loop judges other mail.
+    entered, release = threading.Event(), threading.Event()
+    read_forward = message_module._read_forward
+
+    def slow(msg: Any, subject: str) -> Any:
+        if subject == "Fwd: large":
+            entered.set()
+            release.wait(10)
+        return read_forward(msg, subject)
+
+    monkeypatch.setattr(message_module, "_read_forward", slow)
+    large, small = (read_message(make_mail("r@example.com", "x@else.test", f"Fwd: {name}"))
+                    for name in ("large", "small"))
+    reading = threading.Thread(target=lambda: large.forward)
+    reading.start()
+    try:
+        assert entered.wait(10)
+        other = threading.Thread(target=lambda: small.forward)
+        other.start()
+        other.join(5)
+        assert not other.is_alive(), "the other message's forward waited"
+        assert small.forward.subject_prefix
+    finally:
+        release.set()
+        reading.join()
+    assert large.forward.subject_prefix
