@@ -740,9 +740,9 @@ class Relay:
         }))
 
 
-# A line longer than MAX_LINE holds a whole block of this many bytes that
-# starts at a multiple of it: looking for a <LF> in each block finds the
-# lines worth measuring without cutting the data into lines.
+# A line longer than MAX_LINE holds a whole block of this many bytes, however
+# the data is cut into such blocks: looking for a <LF> in each block finds
+# the lines worth measuring without cutting the data into lines.
 _LINE_BLOCK = MAX_LINE // 2
 
 
