@@ -8,6 +8,7 @@ byte the relay sends upstream, so a test can see how far a message got.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,3 +249,38 @@ async def test_no_copy_is_stored_once_the_upstream_has_failed(
     await client.sendmail(RECRUITER, [ADA], make_mail(RECRUITER, ADA, "Next"))
     await client.quit()
     assert len(sink.messages) == 1 and tap.connections == 1
+
+
+async def test_stopping_waits_for_a_copy_settled_after_an_early_answer(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap) -> None:
+    gateway = await gateway_factory(upstream=Upstream("smtp", "127.0.0.1", tap.port))
+    stored, store = hold_prepare(gateway)
+    discarding, discard = hold(gateway.writer, "discard")
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.relay.port, timeout=30)
+    await client.connect()
+    raw = make_mail(RECRUITER, ADA, "Cut short", "The last line.\n")
+    sending = asyncio.create_task(client.sendmail(RECRUITER, [ADA], raw))
+    stopping = None
+    try:
+        await asyncio.wait_for(stored.wait(), 10)
+        await until(lambda: b"The last line.\r\n" in tap.upstream_bytes)
+        stopping = asyncio.create_task(gateway.relay.stop(grace=0))
+        await asyncio.sleep(0.1)
+        # The upstream gives up while the relay stops: the message ends, and
+        # settling its copy is left to a task of its own.
+        tap.hang_up(b"421 4.4.2 sink.test Error: timeout exceeded\r\n")
+        await asyncio.sleep(0.1)
+        store.set()
+        await asyncio.wait_for(discarding.wait(), 10)
+        await asyncio.sleep(0.2)
+        assert not stopping.done(), "the relay stopped with a copy still being settled"
+    finally:
+        store.set()
+        discard.set()
+        if stopping is not None:
+            await asyncio.wait_for(stopping, 10)
+        with contextlib.suppress(aiosmtplib.SMTPException):
+            await sending
+    assert sink.messages == []
+    assert await gateway.store.db.run(lambda conn: conn.exec_driver_sql(
+        "SELECT count(*) FROM messages").scalar(), write=False) == 0
