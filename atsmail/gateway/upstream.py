@@ -291,8 +291,8 @@ class SmtpSession:
                 return early
             if not releasing.result():
                 # A transaction cut off before its end of data delivers nothing
-                # (RFC 5321 3.8); there is no other way to abandon DATA.
-                self.client.close()
+                # (RFC 5321 3.8); there is no other way to abandon DATA (the
+                # connection is closed below).
                 raise _Withdrawn
             # An upstream that hung up in the same moment: its answer is read.
             if protocol.is_connected:

@@ -483,7 +483,7 @@ def with_attachment(raw: bytes, size: int) -> bytes:
 
 async def test_a_large_message_is_parsed_for_a_forward_only_past_the_header_vetoes(
         relay: Gateway, sink: Sink, team: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Parsing a 1 MB attachment takes the email parser about 15 ms; most
+    # Parsing a 1 MB attachment takes the email parser about 16 ms; most
     # company mail never needs it.
     parsed = []
     read_forward = message_module._read_forward
