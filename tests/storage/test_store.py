@@ -372,8 +372,11 @@ async def test_under_steady_writes_the_sqlite_log_stays_bounded(
         for _ in range(400):  # 4 MB, 10 KB a commit
             await store.db.run(lambda conn: conn.exec_driver_sql(
                 "INSERT INTO scratch VALUES (randomblob(10240))"), write=True)
+        # Unbounded, the log ends at about 8 MB; bounded, at about 0.5 MB, more
+        # when the machine is busy and a fold is still running when the
+        # backstop is due.
         wal = path.with_name(path.name + "-wal")
-        assert wal.stat().st_size < 1024 * 1024, wal.stat().st_size
+        assert wal.stat().st_size < 2 * 1024 * 1024, wal.stat().st_size
     finally:
         await store.close()
 
