@@ -36,3 +36,12 @@ def test_the_breakdown_bench_times_each_step_and_thread() -> None:
         assert f"\n{step} | " in out, out
     assert "MainThread:" in out and "atsmail-store-writer:" in out
     assert "full garbage collections under load" in out
+
+
+def test_the_reader_bench_reads_every_kind_of_text() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "reader.py"), "--size", "100000", "--runs", "1"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(done.stdout.splitlines()) == 6 and "lines of just 'a.': " in done.stdout

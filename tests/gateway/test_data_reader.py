@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import random
 import smtplib
+import types
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from atsmail.gateway.relay import MAX_LINE, _line_lengths, _unstuffed
+from atsmail.gateway.relay import MAX_LINE, RelayProtocol, _line_lengths, _unstuffed
 from atsmail.gateway.server import Gateway
 from atsmail.gateway.upstream import DATA_PIECE, _end_of_data, _stuffed_pieces
 from atsmail.storage import Store
@@ -88,6 +89,32 @@ def test_unstuffing_drops_the_dots_that_follow_a_line_end_even_across_pieces() -
         assert bytes(_unstuffed(piece, end, tail)) == expected, (tail, piece, end)
 
 
+async def test_the_data_read_ends_where_aiosmtpd_would_end_it_however_it_arrives() -> None:
+    # Against the plain way: the data ends at the first <CR><LF>.<CR><LF>,
+    # counting the <CR><LF> of the DATA command; what follows stays unread.
+    rng = random.Random(11)
+    for _ in range(2000):
+        stream = bytes(rng.choice(b"\r\n.a") for _ in range(rng.randrange(40))) + b"\r\n.\r\nNOOP"
+        whole = b"\r\n" + stream
+        end = whole.find(b"\r\n.\r\n")
+        expected = whole[:end + 2].replace(b"\r\n.", b"\r\n")[2:]
+        reader = asyncio.StreamReader(limit=rng.choice([8, 1001]))
+        protocol = types.SimpleNamespace(_reader=reader, data_size_limit=0)
+
+        async def arrive(data: bytes = stream, reader: asyncio.StreamReader = reader) -> None:
+            while data:
+                cut = rng.randrange(1, 9)
+                reader.feed_data(data[:cut])
+                data = data[cut:]
+                await asyncio.sleep(0)
+
+        feeding = asyncio.create_task(arrive())
+        read = RelayProtocol._read_data(protocol)  # type: ignore[arg-type]
+        assert await asyncio.wait_for(read, 10) == (expected, None), stream
+        await feeding
+        assert reader._buffer == stream[end + 3:], stream  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("piece_size", [1, 7, 4096, 1 << 20])
 async def test_a_message_sent_in_any_pieces_arrives_whole_and_unstuffed(
         relay: Gateway, sink: Sink, team: Store, piece_size: int) -> None:
@@ -134,6 +161,47 @@ async def test_commands_pipelined_after_the_end_of_data_are_answered(
     assert (await wire.reply()).startswith(b"250")
     assert (await wire.reply()).startswith(b"250")
     assert [m.content for m in sink.messages] == [raw]
+    await wire.close()
+
+
+@pytest.mark.parametrize(("sent", "content"), [
+    (b".\r\n", b""),
+    (b"..\r\n.\r\n", b".\r\n"),
+    (b"\r\n.\r\n", b"\r\n"),
+    (b"\r\n..\r\n.\r\n", b"\r\n.\r\n"),
+], ids=["empty", "a lone dot", "an empty line", "an empty line, then a dot"])
+async def test_data_that_ends_or_holds_a_dot_at_once_is_read_as_sent(
+        relay: Gateway, sink: Sink, sent: bytes, content: bytes) -> None:
+    # Right after the 354: the end of data needs the <CR><LF> of the DATA
+    # command, and a first line's dot is a transparency dot.
+    wire = await Wire.open(relay.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    assert code(await wire.send(sent)) == 250
+    assert [m.content for m in sink.messages] == [content]
+    await wire.close()
+
+
+async def test_lines_that_end_in_a_dot_are_read_in_pieces_not_one_by_one(
+        relay: Gateway, sink: Sink, team: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Searched for ".<CR><LF>", each of these lines was a piece of its own
+    # read: 100 times the work of plain text, which anyone could send.
+    raw = crlf(make_mail(RECRUITER, ADA, "Dot ends", "a.\n" * 50_000))
+    wire = await Wire.open(relay.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    (session,) = relay.relay.sessions
+    searches = 0
+    readuntil = asyncio.StreamReader.readuntil
+
+    async def counted(reader: asyncio.StreamReader, separator: bytes = b"\n") -> bytes:
+        nonlocal searches
+        searches += reader is session._reader
+        return await readuntil(reader, separator)
+
+    monkeypatch.setattr(asyncio.StreamReader, "readuntil", counted)
+    assert code(await wire.send(stuffed(raw))) == 250
+    assert [m.content for m in sink.messages] == [raw]
+    assert await captured(team) == [raw]
+    assert 0 < searches < 100, searches
     await wire.close()
 
 
