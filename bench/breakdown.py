@@ -19,13 +19,14 @@ upstream), and prints:
   pause. `serve` keeps what starting made out of those (`gc.freeze`);
   `--no-freeze` shows what they cost without that.
 
-Every second message is candidate mail, as in `bench/relay.py`. The store is
+Every second message is candidate mail, as in `bench/relay.py`, and plain
+text, or with `--attachment` mostly a base64 attachment. The store is
 SQLite, seeded with `--candidates` candidates.
 
 Usage:
 
     python bench/breakdown.py [--messages N] [--sessions M] [--size BYTES]
-                              [--candidates K] [--no-freeze] [--keep]
+                              [--attachment] [--candidates K] [--no-freeze] [--keep]
 
 A default run (2,000 messages of 10 KB, one session) takes about 15 s. The
 pending copy and its confirmation are timed for candidate mail only; the
@@ -153,7 +154,9 @@ async def measure(opts: argparse.Namespace, procs: Processes, config: Path, port
     finally:
         await gateway.stop()
 
-    print(f"one gateway process, {opts.messages} messages of ~{opts.size} bytes over "
+    kind_of_text = "with an attachment" if opts.attachment else "of plain text"
+    print(f"one gateway process, {opts.messages} messages of ~{opts.size} bytes "
+          f"{kind_of_text} over "
           f"{opts.sessions} session(s), half candidate mail, {opts.candidates} candidates, "
           f"upstream {kind}: {row.rate:.0f} messages/s, {row.errors} errors")
     print("\nstep (ms) | messages | p50 | p90 | p99")
@@ -187,6 +190,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--size", type=int, default=10_240, help="approximate message bytes")
+    parser.add_argument("--attachment", action="store_true",
+                        help="a base64 attachment makes up each message, not plain text")
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--no-freeze", dest="freeze", action="store_false",
                         help="leave the startup objects to the garbage collector")

@@ -26,7 +26,9 @@ event loop:
   DATA.
 
 The same `--messages` messages of about `--size` bytes are sent along three
-paths: client → sink, client → bare proxy → sink, client → relay → sink. Every
+paths: client → sink, client → bare proxy → sink, client → relay → sink. A
+message is plain text, or with `--attachment` a short text part and a
+base64 attachment that makes up the size, as a CV arrives. Every
 second message is candidate mail (recruiter@company.test → a candidate, a
 unique Message-ID each), the others company mail that concerns no candidate
 and passes untouched. At the end the table shows messages/s, p50/p99 latency,
@@ -44,7 +46,7 @@ gives folded stacks to sum up, `.svg` a flame graph.
 
 Usage:
 
-    python bench/relay.py [--messages N] [--sessions M] [--size BYTES]
+    python bench/relay.py [--messages N] [--sessions M] [--size BYTES] [--attachment]
                           [--candidates K] [--per-connection P] [--load-procs L]
                           [--timeout SECONDS] [--py-spy FILE] [--keep]
 
@@ -56,9 +58,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -302,6 +306,23 @@ def make_body(size: int) -> bytes:
     return b"".join(lines)
 
 
+ATTACHED = "attached-file"
+
+
+def make_attached(size: int) -> tuple[str, bytes]:
+    """A message's Content-Type and a body of about `size` bytes: a line of
+    text and a base64 attachment of random bytes (a PDF, say)."""
+    raw = random.Random(size).randbytes(size * 57 // 78)  # 57 bytes a 78-byte line
+    encoded = base64.encodebytes(raw).replace(b"\n", b"\r\n")
+    body = (f"--{ATTACHED}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+            "Please find my CV attached.\r\n\r\n"
+            f"--{ATTACHED}\r\nContent-Type: application/pdf; name=cv.pdf\r\n"
+            "Content-Disposition: attachment; filename=cv.pdf\r\n"
+            "Content-Transfer-Encoding: base64\r\n\r\n").encode()
+    return (f'multipart/mixed; boundary="{ATTACHED}"',
+            body + encoded + f"--{ATTACHED}--\r\n".encode())
+
+
 @dataclass
 class LoadResult:
     started: float = 0.0
@@ -323,9 +344,11 @@ class Failed(Exception):
 
 
 async def run_load(result: LoadResult, port: int, first: int, count: int, sessions: int,
-                   size: int, candidates: int, per_connection: int, tag: str) -> None:
+                   size: int, candidates: int, per_connection: int, tag: str,
+                   attachment: bool = False) -> None:
     """Send messages `first`..`first + count - 1`, recording into `result`."""
-    body = make_body(max(0, size - 400))
+    content_type, body = (make_attached(max(0, size - 700)) if attachment else
+                          ("text/plain; charset=us-ascii", make_body(max(0, size - 400))))
     indexes = iter(range(first, first + count))
 
     def message(index: int) -> tuple[bytes, bytes, bytes, bool]:
@@ -340,7 +363,7 @@ async def run_load(result: LoadResult, port: int, first: int, count: int, sessio
             f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
             f"Date: Mon, 06 Jan 2025 10:00:00 +0000\r\n"
             f"Message-ID: <{tag}.{index}@bench.company.test>\r\n"
-            f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+            f"MIME-Version: 1.0\r\nContent-Type: {content_type}\r\n\r\n"
         ).encode()
         return sender.encode(), recipient.encode(), headers, is_candidate
 
@@ -423,6 +446,7 @@ def run_load_process(args: Sequence[str]) -> None:
         parser.add_argument(name, type=int)
     parser.add_argument("tag")
     parser.add_argument("timeout", type=float)
+    parser.add_argument("attachment", type=int)
     ns = parser.parse_args(args)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -434,7 +458,7 @@ def run_load_process(args: Sequence[str]) -> None:
     async def main() -> None:
         async with asyncio.timeout(ns.timeout):
             await run_load(result, ns.port, ns.first, ns.count, ns.sessions, ns.size,
-                           ns.candidates, ns.per_connection, ns.tag)
+                           ns.candidates, ns.per_connection, ns.tag, bool(ns.attachment))
 
     try:
         asyncio.run(main())
@@ -489,7 +513,7 @@ def drive(procs: Processes, key: str, name: str, port: int, opts: argparse.Names
                        + (1 if n < opts.sessions % opts.load_procs else 0))
         argv = this_script("_load", port, first, count, sessions, opts.size,
                            opts.candidates, opts.per_connection, f"{key}-{os.getpid()}",
-                           opts.timeout)
+                           opts.timeout, int(opts.attachment))
         process, log = procs.start(f"load-{key}-{n}", argv, pipes=True)
         loaders.append((process, log))
         first += count
@@ -669,6 +693,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=2000, help="messages per path")
     parser.add_argument("--sessions", type=int, default=20, help="concurrent SMTP sessions")
     parser.add_argument("--size", type=int, default=10_240, help="approximate message bytes")
+    parser.add_argument("--attachment", action="store_true",
+                        help="a base64 attachment makes up each message, not plain text")
     parser.add_argument("--candidates", type=int, default=1000,
                         help="candidates seeded into the relay's store")
     parser.add_argument("--per-connection", type=int, default=10,

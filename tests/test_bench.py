@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,14 +25,16 @@ def test_the_memory_bench_relays_both_messages_and_prints_its_table() -> None:
     assert any(line.startswith("10 idle sessions") for line in lines)
 
 
-def test_the_breakdown_bench_times_each_step_and_thread() -> None:
+@pytest.mark.parametrize("kind", [[], ["--attachment"]], ids=["plain text", "attachment"])
+def test_the_breakdown_bench_times_each_step_and_thread(kind: list[str]) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "breakdown.py"), "--messages", "100"],
+        [sys.executable, str(ROOT / "bench" / "breakdown.py"), "--messages", "100", *kind],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert "100 messages" in out and ", 0 errors" in out
+    assert ("with an attachment" in out) == bool(kind)
     for step in ("read the message", "pending copy committed", "upstream DATA",
                  "confirmation committed", "whole DATA"):
         assert f"\n{step} | " in out, out
