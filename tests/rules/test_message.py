@@ -8,6 +8,7 @@ feeds it the junk a public MTA sees.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import threading
 from datetime import UTC, datetime, timedelta, timezone
@@ -277,6 +278,68 @@ def test_plain_part_is_read_before_html() -> None:
                               content_type='multipart/alternative; boundary="b"'))
     assert not facts.forward.inline
     assert facts.forward.original_addresses == ()
+
+
+GMAIL_FORWARD = ("See below\n\n---------- Forwarded message ---------\n"
+                 "From: Ada Applicant <ada@applicant.test>\nSubject: Application\n"
+                 "To: <jobs@example.com>\n\nDear team\n")
+
+
+def _base64_part(content_type: str | None, text: str, lf: bool = False) -> str:
+    fields = ([f"Content-Type: {content_type}"] if content_type else []) + [
+        "Content-Transfer-Encoding: base64"]
+    encoded = base64.encodebytes(text.encode()).decode()
+    part = "\n".join(fields) + "\n\n" + encoded
+    return part if lf else part.replace("\n", "\r\n")
+
+
+def _with_cv(*parts: str) -> bytes:
+    """A mail whose parts are `parts`, then a CV in base64."""
+    cv = _base64_part("application/pdf; name=cv.pdf", "%PDF-1.7 " * 2000)
+    body = "".join(f"--b\r\n{part}\r\n" for part in (*parts, cv)) + "--b--\r\n"
+    return mail("From: r@example.com", "Subject: see below", body="",
+                content_type='multipart/mixed; boundary="b"') + body.encode()
+
+
+@pytest.mark.parametrize(("raw", "forward"), [
+    pytest.param(mail("From: r@example.com", "Subject: see below", "Content-Transfer-Encoding: "
+                      "base64", body=base64.encodebytes(GMAIL_FORWARD.encode()).decode()),
+                 True, id="the message's own text"),
+    pytest.param(_with_cv(_base64_part("text/plain; charset=utf-8", GMAIL_FORWARD)),
+                 True, id="a text part, before a CV"),
+    pytest.param(_with_cv(_base64_part(None, GMAIL_FORWARD)), True, id="a part of no type"),
+    pytest.param(_with_cv(_base64_part("Text/HTML", GMAIL_HTML)), True, id="an HTML part"),
+    pytest.param(_with_cv(_base64_part("text/plain", GMAIL_FORWARD, lf=True).replace(
+        "Content-Type: text/plain", "Content-Type:\n\ttext/plain")), True,
+        id="a folded type, bare line ends"),
+    pytest.param(_with_cv("Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                          "iVBORw0KGgo=\r\n",
+                          _base64_part("text/plain", GMAIL_FORWARD)),
+                 True, id="a text part after an image"),
+])
+def test_a_forward_in_base64_text_is_found(raw: bytes, forward: bool) -> None:
+    facts = read_message(raw)
+    assert facts.forward.inline is forward
+    assert facts.forward.original_addresses == ADA_ORIGINAL
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [
+    pytest.param(_with_cv("Content-Type: text/plain\r\n\r\nMy CV, as promised.\r\n"),
+                 False, id="a CV, in base64"),
+    pytest.param(_with_cv("Content-Type: text/plain\r\n\r\nMy CV, in base64.\r\n"),
+                 True, id="base64 said in the text"),
+    pytest.param(_with_cv("Content-Type: text/plain\r\n\r\nMy CV.\r\n",
+                          "Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                          "iVBORw0KGgo=\r\n"),
+                 False, id="a CV and a picture"),
+])
+def test_a_message_is_parsed_for_a_forward_only_where_base64_may_hide_text(
+        raw: bytes, parsed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = []
+    monkeypatch.setattr(message_module, "_read_forward",
+                        lambda *args: reads.append(args) or message_module.Forward())
+    assert not read_message(raw).forward.is_forward
+    assert bool(reads) is parsed
 
 
 @pytest.mark.parametrize("charset", ["unknown-8bit", "x-klingon-8"])
