@@ -220,6 +220,75 @@ def purge(ctx: click.Context, older_than_days: int | None, as_json: bool) -> Non
         _warn_not_scrubbed("purged")
 
 
+# --- the store's schema ------------------------------------------------------
+
+
+@main.group()
+def schema() -> None:
+    """The store's schema: where it stands, and going back for an older atsmail."""
+
+
+@schema.command("show")
+@json_option
+@click.pass_context
+def schema_show(ctx: click.Context, as_json: bool) -> None:
+    """The store's schema revision, against this version's migrations."""
+    state = _run(ctx, lambda store: store.schema(), check_schema=False)
+    applied = set(state.applied)
+    if as_json:
+        _print_json({"store": state.at, "this_version": state.head, "condition": state.condition,
+                     "revisions": [{"revision": revision, "description": description,
+                                    "applied": revision in applied}
+                                   for revision, description in state.revisions]})
+        return
+    click.echo({
+        "empty": "the store is not initialised: run `atsmail init`",
+        "current": f"the store is at {state.at}, this version's schema",
+        "older": f"the store is at {state.at}, older than this version's {state.head}: "
+                 "run `atsmail init` to upgrade it",
+        "newer": f"the store is at {state.at}, which a newer version of atsmail made (this "
+                 f"one knows up to {state.head})",
+    }[state.condition])
+    _table([[revision, "applied" if revision in applied else "-", description]
+            for revision, description in state.revisions], "")
+
+
+@schema.command("downgrade")
+@click.argument("revision")
+@click.option("--yes", is_flag=True, help="Go ahead without asking.")
+@click.pass_context
+def schema_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
+    """Take the store back to REVISION, the schema an older atsmail needs.
+
+    Run it with this version, before installing the older one, and with every
+    `atsmail serve` on the store stopped. What the newer schemas hold goes
+    with them: below 0009, for one, the webhook events not yet delivered.
+    """
+    state = _run(ctx, lambda store: store.schema(), check_schema=False)
+    if state.at is None:
+        raise click.ClickException("the store is not initialised: there is nothing to take back")
+    if not state.known:
+        raise click.ClickException(
+            f"the store is at {state.at}, which a newer version of atsmail made: take it back "
+            "with that version")
+    if revision not in state.ids:
+        raise click.ClickException(f"unknown schema revision {revision!r}: this version has "
+                                   f"{state.ids[0]} to {state.head}")
+    target, at = state.ids.index(revision), state.ids.index(state.at)
+    if target >= at:
+        raise click.ClickException(
+            f"the store is at {state.at}, not newer than {revision}: nothing to take back"
+            + ("" if state.at == state.head else " (`atsmail init` upgrades it)"))
+    undone = state.revisions[target + 1:at + 1]
+    click.echo(f"the store goes back from {state.at} to {revision}, undoing:")
+    for undone_revision, description in reversed(undone):
+        click.echo(f"  {undone_revision}  {description}")
+    if not yes:
+        click.confirm("go ahead?", abort=True)
+    _run(ctx, lambda store: store.migrate(revision), check_schema=False)
+    click.echo(f"the store is at {revision}: install the atsmail version that needs it")
+
+
 # --- team members ------------------------------------------------------------
 
 

@@ -89,6 +89,35 @@ def test_commands_before_init_say_what_to_do(config_file: Path) -> None:
     assert "Traceback" not in result.output
 
 
+def test_schema_shows_where_the_store_stands_and_goes_back_for_an_older_version(
+        cli: Cli) -> None:
+    cli("candidate", "add", "C-1", "--name", "Ada", "--email", "ada@applicant.test")
+    shown = cli.json("schema", "show")
+    assert isinstance(shown, dict)
+    assert (shown["store"], shown["this_version"], shown["condition"]) == ("0012", "0012",
+                                                                           "current")
+    assert [r["revision"] for r in shown["revisions"] if r["applied"]][-1] == "0012"
+    assert "unknown schema revision '12'" in cli("schema", "downgrade", "12", code=1).stderr
+    assert "nothing to take back" in cli("schema", "downgrade", "0012", code=1).stderr
+    # It asks first, and says what goes.
+    asked = cli.runner.invoke(main, ["--config", str(cli.config), "schema", "downgrade",
+                                     "0010"], input="n\n")
+    assert asked.exit_code == 1
+    assert "0012  message_bodies" in asked.stdout and "0011  messages" in asked.stdout
+    assert "0010  " not in asked.stdout
+    assert cli.json("schema", "show")["store"] == "0012"  # type: ignore[index]
+    assert "is at 0010" in cli("schema", "downgrade", "0010", "--yes").stdout
+    # This version's commands then say what to do; init brings it back, mail and all.
+    assert "at 0010, older than this version's 0012: run `atsmail init`" in cli(
+        "candidate", "list", code=1).stderr
+    shown_text = cli("schema", "show").stdout
+    assert "older than this version's 0012" in shown_text
+    assert [line.split()[:2] for line in shown_text.splitlines()[-3:]] == [
+        ["0010", "applied"], ["0011", "-"], ["0012", "-"]]
+    cli("init")
+    assert "C-1" in cli("candidate", "list").stdout
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     ("[relay]\nlisten = 25\n", "relay.listen: expected a string, got int"),
     ("[relay]\nlistne = '127.0.0.1:25'\n", "relay.listne: unknown key"),

@@ -1,8 +1,9 @@
-"""Create or upgrade the store's schema with Alembic."""
+"""Create, upgrade or take back the store's schema with Alembic."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -36,11 +37,6 @@ def _move_to(revision: str) -> Callable[[Connection], None]:
     return move
 
 
-def _is_current(connection: Connection) -> bool:
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    return MigrationContext.configure(connection).get_current_revision() == head
-
-
 class MigrationError(RuntimeError):
     pass
 
@@ -72,7 +68,49 @@ async def migrate(db: Database, revision: str = "head") -> None:
                 await driver.execute("PRAGMA foreign_keys=ON")
 
 
-async def is_current(db: Database) -> bool:
-    """Whether the store is at the schema this version needs."""
+@dataclass(frozen=True)
+class Schema:
+    """Where the store's schema is, against the migrations of this version."""
+
+    # The store's revision; None before `atsmail init`.
+    at: str | None
+    # This version's migrations, oldest first: (revision, what it does).
+    revisions: tuple[tuple[str, str], ...]
+
+    @property
+    def head(self) -> str:
+        return self.revisions[-1][0]
+
+    @property
+    def known(self) -> bool:
+        """Whether this version knows the store's revision (a newer one made it, if not)."""
+        return self.at is None or self.at in self.ids
+
+    @property
+    def ids(self) -> list[str]:
+        return [revision for revision, _ in self.revisions]
+
+    @property
+    def applied(self) -> list[str]:
+        """The revisions of this version that the store has."""
+        if self.at is None:
+            return []
+        return self.ids if not self.known else self.ids[:self.ids.index(self.at) + 1]
+
+    @property
+    def condition(self) -> str:
+        if self.at is None:
+            return "empty"
+        if not self.known:
+            return "newer"
+        return "current" if self.at == self.head else "older"
+
+
+async def schema(db: Database) -> Schema:
+    """The store's schema revision, and this version's migrations."""
     async with db.reader.connect() as conn:
-        return await conn.run_sync(_is_current)
+        at = await conn.run_sync(
+            lambda sync: MigrationContext.configure(sync).get_current_revision())
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    return Schema(at, tuple((script.revision, script.doc) for script in
+                            reversed(list(scripts.walk_revisions("base", "heads")))))

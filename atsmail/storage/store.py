@@ -26,7 +26,7 @@ from atsmail.storage import lookup
 from atsmail.storage.db import Database
 from atsmail.storage.events import ADDRESS_REMOVED, record_event
 from atsmail.storage.lookup import Directory, load_directory
-from atsmail.storage.migrate import is_current, migrate
+from atsmail.storage.migrate import Schema, migrate, schema
 from atsmail.storage.models import (
     ROLES,
     CandidateEmail,
@@ -162,17 +162,32 @@ class Store:
         await self.db.close()
 
     async def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to `revision`: the newest ("head"), or an older one
+        to go back to (an older version's)."""
         path = self.db.sqlite_path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+        state = await schema(self.db)
+        if not state.known:
+            raise UserError(_made_by_a_newer_version(state))
         await migrate(self.db, revision)
 
-    async def ensure_current(self) -> None:
+    async def schema(self) -> Schema:
+        """The store's schema revision, against this version's migrations."""
         path = self.db.sqlite_path
         if path is not None and not path.exists():
             raise UserError(f"there is no store at {path}: run `atsmail init`")
-        if not await is_current(self.db):
-            raise UserError("the store is not initialised or is out of date: run `atsmail init`")
+        return await schema(self.db)
+
+    async def ensure_current(self) -> None:
+        state = await self.schema()
+        if state.at is None:
+            raise UserError("the store is not initialised: run `atsmail init`")
+        if not state.known:
+            raise UserError(_made_by_a_newer_version(state))
+        if state.at != state.head:
+            raise UserError(f"the store's schema is at {state.at}, older than this version's "
+                            f"{state.head}: run `atsmail init` to upgrade it")
 
     # --- team members and internal domains -------------------------------
 
@@ -593,3 +608,8 @@ async def _remove_candidate_addresses(
         removals.append(AddressRemoval(candidate_id, address, text))
     return removals
 
+
+def _made_by_a_newer_version(state: Schema) -> str:
+    return (f"the store's schema is at {state.at}, which a newer version of atsmail made (this "
+            f"one knows up to {state.head}): run that version, or take the store back with its "
+            f"`atsmail schema downgrade {state.head}` first")

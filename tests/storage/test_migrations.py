@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
-from atsmail.storage import Store
-from atsmail.storage.migrate import is_current
+from atsmail.storage import Store, UserError
 
 
 async def _populate_at_0004(store: Store) -> None:
@@ -47,7 +47,7 @@ async def test_upgrading_a_populated_sqlite_store_loses_no_row(tmp_path: Path) -
         async with store.db.writer.connect() as conn:
             assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar_one() == 1
         assert await store.candidate_messages("C-1")
-        assert await is_current(store.db)
+        assert (await store.schema()).condition == "current"
     finally:
         await store.close()
 
@@ -69,6 +69,34 @@ async def test_every_migration_comes_down_and_goes_up_again_with_the_mail(
         assert await _scalar(store, "SELECT raw FROM message_bodies WHERE message_pk = 1") \
             == b"hello"
         assert await _scalar(store, "SELECT candidate_id FROM message_candidates") == "C-1"
-        assert await is_current(store.db)
+        assert (await store.schema()).condition == "current"
+    finally:
+        await store.close()
+
+
+async def test_a_store_says_how_its_schema_stands_against_this_version(store_url: str) -> None:
+    store = Store.open(store_url)
+    try:
+        await store.migrate("0011")
+        state = await store.schema()
+        assert (state.at, state.head, state.condition) == ("0011", "0012", "older")
+        assert state.applied == state.ids[:-1]
+        with pytest.raises(UserError, match=r"at 0011, older than this version's 0012: run "
+                                            r"`atsmail init`"):
+            await store.ensure_current()
+        await store.migrate()
+        await store.ensure_current()
+        # As a newer version of atsmail would leave it.
+        async with store.db.writer.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        state = await store.schema()
+        assert (state.condition, state.applied) == ("newer", state.ids)
+        newer = r"at 0099, which a newer version .* `atsmail schema downgrade 0012` first"
+        with pytest.raises(UserError, match=newer):
+            await store.ensure_current()
+        with pytest.raises(UserError, match=newer):
+            await store.migrate()
+        async with store.db.writer.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0012'"))
     finally:
         await store.close()
