@@ -9,7 +9,9 @@ feeds it the junk a public MTA sees.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import quopri
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -285,55 +287,96 @@ GMAIL_FORWARD = ("See below\n\n---------- Forwarded message ---------\n"
                  "To: <jobs@example.com>\n\nDear team\n")
 
 
-def _base64_part(content_type: str | None, text: str, lf: bool = False) -> str:
-    fields = ([f"Content-Type: {content_type}"] if content_type else []) + [
-        "Content-Transfer-Encoding: base64"]
-    encoded = base64.encodebytes(text.encode()).decode()
-    part = "\n".join(fields) + "\n\n" + encoded
-    return part if lf else part.replace("\n", "\r\n")
+def _part(content_type: str | None, body: bytes, encoding: str = "base64",
+          lf: bool = False) -> bytes:
+    """A MIME part: its fields (Content-Type as given), then `body` so encoded."""
+    fields = ([f"Content-Type: {content_type}"] if content_type is not None else []) + [
+        f"Content-Transfer-Encoding: {encoding}"]
+    encoded = {"base64": base64.encodebytes, "quoted-printable": quopri.encodestring,
+               "x-uuencode": _uuencoded}.get(encoding, bytes)(body)
+    part = "\n".join(fields).encode() + b"\n\n" + encoded
+    return part if lf else part.replace(b"\n", b"\r\n")
 
 
-def _with_cv(*parts: str) -> bytes:
+def _uuencoded(data: bytes) -> bytes:
+    lines = [binascii.b2a_uu(data[i:i + 45]) for i in range(0, len(data), 45)]
+    return b"begin 644 text.txt\n" + b"".join(lines) + b"`\nend\n"
+
+
+def _with_cv(*parts: bytes, kind: str = "mixed") -> bytes:
     """A mail whose parts are `parts`, then a CV in base64."""
-    cv = _base64_part("application/pdf; name=cv.pdf", "%PDF-1.7 " * 2000)
-    body = "".join(f"--b\r\n{part}\r\n" for part in (*parts, cv)) + "--b--\r\n"
+    cv = _part("application/pdf; name=cv.pdf", b"%PDF-1.7 " * 2000)
+    body = b"".join(b"--b\r\n" + part + b"\r\n" for part in (*parts, cv)) + b"--b--\r\n"
     return mail("From: r@example.com", "Subject: see below", body="",
-                content_type='multipart/mixed; boundary="b"') + body.encode()
+                content_type=f'multipart/{kind}; boundary="b"') + body
 
 
-@pytest.mark.parametrize(("raw", "forward"), [
+FORWARD = GMAIL_FORWARD.encode()
+IMAGE = b"Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n"
+# Long HTML lines: a quoted-printable soft line break falls inside the marker.
+SPLIT_HTML = quopri.encodestring(("x" * 40 + GMAIL_HTML).encode())
+assert b"forwarded message" not in SPLIT_HTML.lower()
+
+
+@pytest.mark.parametrize("raw", [
     pytest.param(mail("From: r@example.com", "Subject: see below", "Content-Transfer-Encoding: "
-                      "base64", body=base64.encodebytes(GMAIL_FORWARD.encode()).decode()),
-                 True, id="the message's own text"),
-    pytest.param(_with_cv(_base64_part("text/plain; charset=utf-8", GMAIL_FORWARD)),
-                 True, id="a text part, before a CV"),
-    pytest.param(_with_cv(_base64_part(None, GMAIL_FORWARD)), True, id="a part of no type"),
-    pytest.param(_with_cv(_base64_part("Text/HTML", GMAIL_HTML)), True, id="an HTML part"),
-    pytest.param(_with_cv(_base64_part("text/plain", GMAIL_FORWARD, lf=True).replace(
-        "Content-Type: text/plain", "Content-Type:\n\ttext/plain")), True,
+                      "base64", body=base64.encodebytes(FORWARD).decode()),
+                 id="the message's own text, in base64"),
+    pytest.param(_with_cv(_part("text/plain; charset=utf-8", FORWARD)),
+                 id="a base64 text part, before a CV"),
+    pytest.param(_with_cv(_part(None, FORWARD)), id="a part of no type"),
+    pytest.param(_with_cv(_part("Text/HTML", GMAIL_HTML.encode())), id="an HTML part"),
+    pytest.param(_with_cv(_part("text/plain", FORWARD, lf=True).replace(
+        b"Content-Type: text/plain", b"Content-Type:\n\ttext/plain")),
         id="a folded type, bare line ends"),
-    pytest.param(_with_cv("Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                          "iVBORw0KGgo=\r\n",
-                          _base64_part("text/plain", GMAIL_FORWARD)),
-                 True, id="a text part after an image"),
+    pytest.param(_with_cv(IMAGE, _part("text/plain", FORWARD)), id="a text part after an image"),
+    pytest.param(_with_cv(IMAGE, _part("text/plain", FORWARD)).replace(b"\r\n", b"\r"),
+                 id="bare <CR> line ends"),
+    pytest.param(_with_cv(b"Content-Type: text/html; charset=utf-8\r\n"
+                          b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + SPLIT_HTML),
+                 id="quoted-printable HTML, the marker split by a soft line break"),
+    pytest.param(_with_cv(_part("text/plain", FORWARD.replace(b"Forwarded message",
+                                                              b"Forwarded=20message"),
+                                encoding="7bit").replace(b"7bit", b"quoted-printable")),
+                 id="quoted-printable, a space as =20"),
+    pytest.param(_with_cv(_part("text/plain", FORWARD, encoding="x-uuencode")), id="uuencode"),
+    pytest.param(_with_cv(_part("text/plain; charset=utf-16", FORWARD.decode().encode("utf-16"),
+                                encoding="binary", lf=True)), id="UTF-16"),
+    pytest.param(_with_cv(_part("charset=utf-8", FORWARD)), id="a type with no slash"),
+    pytest.param(_with_cv(_part("application/pdf/x", FORWARD)), id="a type with two slashes"),
+    pytest.param(_with_cv(_part("", FORWARD)), id="an empty type, the next field after it"),
+    pytest.param(_with_cv(_part("; charset=utf-8\nContent-Type: application/pdf", FORWARD)),
+                 id="two types, the first empty"),
 ])
-def test_a_forward_in_base64_text_is_found(raw: bytes, forward: bool) -> None:
+def test_a_forward_an_encoding_hides_is_found(raw: bytes) -> None:
     facts = read_message(raw)
-    assert facts.forward.inline is forward
+    assert facts.forward.inline
+    assert facts.forward.original_addresses == ADA_ORIGINAL
+
+
+def test_a_forwarded_message_in_a_digest_is_found() -> None:
+    digest = (b'Content-Type: multipart/digest; boundary="d"\r\n\r\n--d\r\n\r\n'
+              b"From: Ada <ada@applicant.test>\r\nTo: jobs@example.com\r\n"
+              b"Subject: Application\r\n\r\nDear team\r\n--d--\r\n")
+    facts = read_message(_with_cv(b"Content-Type: text/plain\r\n\r\nSee the attached.\r\n",
+                                  digest))
+    assert facts.forward.attached
     assert facts.forward.original_addresses == ADA_ORIGINAL
 
 
 @pytest.mark.parametrize(("raw", "parsed"), [
-    pytest.param(_with_cv("Content-Type: text/plain\r\n\r\nMy CV, as promised.\r\n"),
-                 False, id="a CV, in base64"),
-    pytest.param(_with_cv("Content-Type: text/plain\r\n\r\nMy CV, in base64.\r\n"),
-                 True, id="base64 said in the text"),
-    pytest.param(_with_cv("Content-Type: text/plain\r\n\r\nMy CV.\r\n",
-                          "Content-Type: image/png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-                          "iVBORw0KGgo=\r\n"),
-                 False, id="a CV and a picture"),
+    pytest.param(_with_cv(b"Content-Type: text/plain\r\n\r\nMy CV, as promised.\r\n"),
+                 False, id="a CV"),
+    pytest.param(_with_cv(b"Content-Type: text/plain\r\n\r\nMy CV, in base64.\r\n", IMAGE),
+                 False, id="a CV and a picture, base64 said in the text"),
+    pytest.param(_with_cv(_part("text/plain; charset=utf-8", b"My CV.", "quoted-printable")),
+                 True, id="a CV, the text in quoted-printable"),
+    pytest.param(_with_cv(b"Content-Type: text/plain; charset=utf-16\r\n\r\nMy CV.\r\n"),
+                 True, id="a CV, the text in UTF-16"),
+    pytest.param(_with_cv(b"Content-Type: text/plain; charset=x-unknown\r\n\r\nMy CV.\r\n"),
+                 False, id="a CV, the text in a charset read as UTF-8"),
 ])
-def test_a_message_is_parsed_for_a_forward_only_where_base64_may_hide_text(
+def test_a_message_is_parsed_for_a_forward_only_where_an_encoding_may_hide_text(
         raw: bytes, parsed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     reads = []
     monkeypatch.setattr(message_module, "_read_forward",
