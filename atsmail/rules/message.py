@@ -49,24 +49,17 @@ _ORIGINAL_MARKERS = re.compile(
     r"\s*-{2,}|_{10,}[ \t]*$)",
     re.IGNORECASE | re.MULTILINE,
 )
-# Worth parsing the body for: a forward marker or an attached message (or
-# text encoded so that its bytes hide a marker: `_hidden_text`). Plain
-# substring tests on the lower-cased bytes: far cheaper than a regex over
-# every message the relay sees. A digest's parts are messages by default.
+# Worth parsing the body for: a forward marker, an attached message (a
+# digest's parts are messages by default), or text whose encoding could hide
+# a marker. Plain substring tests on the lower-cased bytes: far cheaper than a
+# regex over every message the relay sees. "base64" is said of nearly every
+# attachment too, so mail with one is parsed whole: telling text in base64
+# from a PDF in base64 takes reading MIME headers as the email package does.
 FORWARD_HINTS = (
     b"forwarded message", b"weitergeleitete nachricht", b"message transf",
     b"mensaje reenviado", b"doorgestuurd bericht", b"messaggio inoltrato",
-    b"anfang der weitergeleiteten", b"message/rfc822", b"multipart/digest",
+    b"anfang der weitergeleiteten", b"message/rfc822", b"multipart/digest", b"base64",
 )
-# Transfer encodings that the email package decodes (Message.get_payload):
-# under them a text's words need not be in its bytes as written (a
-# quoted-printable soft line break can fall inside a forward marker).
-_HIDING_ENCODINGS = frozenset({
-    b"base64", b"quoted-printable", b"x-uuencode", b"uuencode", b"uue", b"x-uue"})
-# After a field's name: the first word of its value, across folded lines.
-_FIELD_WORD = re.compile(rb":[ \t]*(?:(?:\r\n?|\n)[ \t]+)*([^\s;]*)")
-# After "charset": its value.
-_PARAMETER_WORD = re.compile(rb'[ \t]*=[ \t]*"?([^\s;"]*)')
 _BLOCK_ADDRESS_FIELDS = re.compile(
     r"^[ \t>]*\*?(?:from|von|de|da|van|to|an|[àa]|pour|para|aan|cc|kopie)\s*:\*?\s*(.+)$",
     re.IGNORECASE | re.MULTILINE,
@@ -385,73 +378,7 @@ def might_forward(subject: str, raw: bytes) -> bool:
     if FORWARD_SUBJECT.match(subject):
         return True
     lowered = raw[:FORWARD_SCAN_LIMIT].lower()
-    return any(hint in lowered for hint in FORWARD_HINTS) or _hidden_text(lowered)
-
-
-def _hidden_text(lowered: bytes) -> bool:
-    """Whether the (lower-cased) message may have text whose forward marker
-    its bytes do not show: text in base64, quoted-printable or uuencode, or
-    in a charset that does not write ASCII as ASCII (UTF-16, say).
-
-    Most mail in base64 is so for an attachment (a CV's PDF): parsing such a
-    message for a forward is a MIME parse of all of it (16 ms for a 1 MB
-    PDF), for nothing, as the rules read only text and attached messages.
-    An encoded part counts unless it names, in the first Content-Type of its
-    header fields, a type that is neither text nor a message; with no type,
-    or one the email package cannot read, it is text. A part runs from a
-    line starting with "--" (or the message's start) to the next; each is
-    judged once.
-    """
-    if not all(_writes_ascii_as_ascii(charset)
-               for _, charset in _values(lowered, b"charset", _PARAMETER_WORD)):
-        return True
-    # Lines end in <CR><LF> or <LF>; only in mail with no <LF> at all, in <CR>.
-    eol = b"\n" if b"\n" in lowered else b"\r"
-    after = 0
-    while (found := next(_values(lowered, b"content-transfer-encoding", _FIELD_WORD, after),
-                         None)) is not None:
-        at, encoding = found
-        after = at + 1
-        if encoding not in _HIDING_ENCODINGS:
-            continue
-        start = lowered.rfind(eol + b"--", 0, at) + 1
-        after = lowered.find(eol + b"--", at)
-        after = len(lowered) if after < 0 else after
-        # The blank line that ends the part's header fields (each search
-        # stops there, not at the end of what may be a large attachment).
-        fields_end = lowered.find(b"\n\r\n", start, after)
-        fields_end = after if fields_end < 0 else fields_end
-        bare = lowered.find(eol + eol, start, fields_end)
-        fields_end = fields_end if bare < 0 else bare
-        kind = next((word for _, word in _values(lowered[start:fields_end], b"content-type",
-                                                 _FIELD_WORD)), b"")
-        if kind.count(b"/") != 1 or kind.split(b"/")[0] in (b"text", b"message"):
-            return True
-    return False
-
-
-def _values(lowered: bytes, name: bytes, word: re.Pattern[bytes],
-            start: int = 0) -> Iterator[tuple[int, bytes]]:
-    """Where `name` is followed by a value (`word` matching after it), from
-    `start` on, and the value's first word. A field's name counts only at
-    the start of a line."""
-    field = word is _FIELD_WORD
-    at = lowered.find(name, start)
-    while at >= 0:
-        found = word.match(lowered, at + len(name))
-        if found is not None and (not field or at == 0 or lowered[at - 1] in b"\r\n"):
-            yield at, found[1]
-        at = lowered.find(name, at + 1)
-
-
-@lru_cache(maxsize=256)
-def _writes_ascii_as_ascii(charset: bytes) -> bool:
-    """Whether text in `charset` has its ASCII words as ASCII bytes. A charset
-    the email package does not know it reads as UTF-8, which does."""
-    try:
-        return "forwarded message".encode(charset.decode("ascii")) == b"forwarded message"
-    except (LookupError, ValueError):  # UnicodeError is a ValueError
-        return True
+    return any(hint in lowered for hint in FORWARD_HINTS)
 
 
 def _read_forward(msg: Message, subject: str) -> Forward:

@@ -358,31 +358,12 @@ def test_a_forwarded_message_in_a_digest_is_found() -> None:
     digest = (b'Content-Type: multipart/digest; boundary="d"\r\n\r\n--d\r\n\r\n'
               b"From: Ada <ada@applicant.test>\r\nTo: jobs@example.com\r\n"
               b"Subject: Application\r\n\r\nDear team\r\n--d--\r\n")
-    facts = read_message(_with_cv(b"Content-Type: text/plain\r\n\r\nSee the attached.\r\n",
-                                  digest))
+    body = (b"--b\r\nContent-Type: text/plain\r\n\r\nSee the attached.\r\n--b\r\n" + digest
+            + b"--b--\r\n")
+    facts = read_message(mail("From: r@example.com", "Subject: see below", body="",
+                              content_type='multipart/mixed; boundary="b"') + body)
     assert facts.forward.attached
     assert facts.forward.original_addresses == ADA_ORIGINAL
-
-
-@pytest.mark.parametrize(("raw", "parsed"), [
-    pytest.param(_with_cv(b"Content-Type: text/plain\r\n\r\nMy CV, as promised.\r\n"),
-                 False, id="a CV"),
-    pytest.param(_with_cv(b"Content-Type: text/plain\r\n\r\nMy CV, in base64.\r\n", IMAGE),
-                 False, id="a CV and a picture, base64 said in the text"),
-    pytest.param(_with_cv(_part("text/plain; charset=utf-8", b"My CV.", "quoted-printable")),
-                 True, id="a CV, the text in quoted-printable"),
-    pytest.param(_with_cv(b"Content-Type: text/plain; charset=utf-16\r\n\r\nMy CV.\r\n"),
-                 True, id="a CV, the text in UTF-16"),
-    pytest.param(_with_cv(b"Content-Type: text/plain; charset=x-unknown\r\n\r\nMy CV.\r\n"),
-                 False, id="a CV, the text in a charset read as UTF-8"),
-])
-def test_a_message_is_parsed_for_a_forward_only_where_an_encoding_may_hide_text(
-        raw: bytes, parsed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads = []
-    monkeypatch.setattr(message_module, "_read_forward",
-                        lambda *args: reads.append(args) or message_module.Forward())
-    assert not read_message(raw).forward.is_forward
-    assert bool(reads) is parsed
 
 
 @pytest.mark.parametrize("charset", ["unknown-8bit", "x-klingon-8"])
