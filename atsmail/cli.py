@@ -241,14 +241,7 @@ def schema_show(ctx: click.Context, as_json: bool) -> None:
                                     "applied": revision in applied}
                                    for revision, description in state.revisions]})
         return
-    click.echo({
-        "empty": "the store is not initialised: run `atsmail init`",
-        "current": f"the store is at {state.at}, this version's schema",
-        "older": f"the store is at {state.at}, older than this version's {state.head}: "
-                 "run `atsmail init` to upgrade it",
-        "newer": f"the store is at {state.at}, which a newer version of atsmail made (this "
-                 f"one knows up to {state.head})",
-    }[state.condition])
+    click.echo(state.summary)
     _table([[revision, "applied" if revision in applied else "-", description]
             for revision, description in state.revisions], "")
 
@@ -265,12 +258,8 @@ def schema_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
     with them: below 0009, for one, the webhook events not yet delivered.
     """
     state = _run(ctx, lambda store: store.schema(), check_schema=False)
-    if state.at is None:
-        raise click.ClickException("the store is not initialised: there is nothing to take back")
-    if not state.known:
-        raise click.ClickException(
-            f"the store is at {state.at}, which a newer version of atsmail made: take it back "
-            "with that version")
+    if state.at is None or not state.known:
+        raise click.ClickException(state.summary)
     if revision not in state.ids:
         raise click.ClickException(f"unknown schema revision {revision!r}: this version has "
                                    f"{state.ids[0]} to {state.head}")

@@ -105,6 +105,19 @@ class Schema:
             return "newer"
         return "current" if self.at == self.head else "older"
 
+    @property
+    def summary(self) -> str:
+        """Where the store stands, and what to do about it, for the admin."""
+        return {
+            "empty": "the store is not initialised: run `atsmail init`",
+            "current": f"the store's schema is at {self.at}, this version's",
+            "older": f"the store's schema is at {self.at}, older than this version's "
+                     f"{self.head}: run `atsmail init` to upgrade it",
+            "newer": f"the store's schema is at {self.at}, which a newer version of atsmail "
+                     f"made (this one knows up to {self.head}): run that version, or take the "
+                     f"store back with its `atsmail schema downgrade {self.head}` first",
+        }[self.condition]
+
 
 async def schema(db: Database) -> Schema:
     """The store's schema revision, and this version's migrations."""

@@ -168,8 +168,8 @@ class Store:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         state = await schema(self.db)
-        if not state.known:
-            raise UserError(_made_by_a_newer_version(state))
+        if state.condition == "newer":
+            raise UserError(state.summary)
         await migrate(self.db, revision)
 
     async def schema(self) -> Schema:
@@ -181,13 +181,8 @@ class Store:
 
     async def ensure_current(self) -> None:
         state = await self.schema()
-        if state.at is None:
-            raise UserError("the store is not initialised: run `atsmail init`")
-        if not state.known:
-            raise UserError(_made_by_a_newer_version(state))
-        if state.at != state.head:
-            raise UserError(f"the store's schema is at {state.at}, older than this version's "
-                            f"{state.head}: run `atsmail init` to upgrade it")
+        if state.condition != "current":
+            raise UserError(state.summary)
 
     # --- team members and internal domains -------------------------------
 
@@ -607,9 +602,3 @@ async def _remove_candidate_addresses(
             candidate_id=candidate_id)
         removals.append(AddressRemoval(candidate_id, address, text))
     return removals
-
-
-def _made_by_a_newer_version(state: Schema) -> str:
-    return (f"the store's schema is at {state.at}, which a newer version of atsmail made (this "
-            f"one knows up to {state.head}): run that version, or take the store back with its "
-            f"`atsmail schema downgrade {state.head}` first")
