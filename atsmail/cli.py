@@ -249,13 +249,17 @@ def schema_show(ctx: click.Context, as_json: bool) -> None:
 @schema.command("downgrade")
 @click.argument("revision")
 @click.option("--yes", is_flag=True, help="Go ahead without asking.")
+@click.option("--force", is_flag=True,
+              help="Go ahead even though a gateway seems to run on the store.")
 @click.pass_context
-def schema_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
+def schema_downgrade(ctx: click.Context, revision: str, yes: bool, force: bool) -> None:
     """Take the store back to REVISION, the schema an older atsmail needs.
 
     Run it with this version, before installing the older one, and with every
-    `atsmail serve` on the store stopped. What the newer schemas hold goes
-    with them: below 0009, for one, the webhook events not yet delivered.
+    `atsmail serve` on the store stopped: it refuses while a gateway's mirror
+    shows it alive (a killed one's shows for up to [mirror] lease seconds).
+    What the newer schemas hold goes with them: below 0009, for one, the
+    webhook events not yet delivered.
     """
     state = _run(ctx, lambda store: store.schema(), check_schema=False)
     if state.at is None or not state.known:
@@ -268,6 +272,13 @@ def schema_downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
         raise click.ClickException(
             f"the store is at {state.at}, not newer than {revision}: nothing to take back"
             + ("" if state.at == state.head else " (`atsmail init` upgrades it)"))
+    # The mirrors' heartbeats came with 0010.
+    alive = [] if at < state.ids.index("0010") else _run(
+        ctx, lambda store: Mailboxes(store.db).alive(), check_schema=False)
+    if alive and not force:
+        raise click.ClickException(
+            f"{len(alive)} gateway(s) run on this store ({', '.join(alive)}): stop every "
+            "`atsmail serve` first (--force takes the store back all the same)")
     undone = state.revisions[target + 1:at + 1]
     click.echo(f"the store goes back from {state.at} to {revision}, undoing:")
     for undone_revision, description in reversed(undone):

@@ -26,6 +26,7 @@ from atsmail.cli import main
 from atsmail.config import load_config
 from atsmail.storage import Store
 from atsmail.storage.access import Access
+from atsmail.storage.mailboxes import Mailboxes
 from atsmail.storage.models import AuditEntry
 from tests.conftest import make_mail
 from tests.storage.test_retention import captured_days_ago
@@ -381,6 +382,53 @@ def test_serve_relays_captures_and_stops_cleanly_on_sigterm(
         output = served[2].read_text()
         assert f"event loop: {event_loop}" in output
         assert "objects made at start kept out of garbage collection" in output
+
+
+def test_the_schema_is_not_taken_back_under_a_running_gateway(
+        cli: Cli, config_file: Path) -> None:
+    with _serve(cli, config_file) as (process, _, _):
+        holders = _alive_mirrors(config_file)
+        assert len(holders) == 1
+        refused = cli("schema", "downgrade", "0011", "--yes", code=1).stderr
+        assert f"1 gateway(s) run on this store ({holders[0]}): stop every" in refused
+        assert cli.json("schema", "show")["store"] == "0012"  # type: ignore[index]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    # Stopped, it leaves no heartbeat behind.
+    assert "is at 0011" in cli("schema", "downgrade", "0011", "--yes").stdout
+
+
+def test_a_heartbeat_left_by_a_killed_gateway_can_be_overridden(cli: Cli,
+                                                                config_file: Path) -> None:
+    async def beat(seconds: float) -> None:
+        store = Store.open(load_config(config_file).storage.url)
+        try:
+            await Mailboxes(store.db).hold("gone-host:1:abc", seconds)
+        finally:
+            await store.close()
+
+    asyncio.run(beat(60))
+    assert "run on this store (gone-host:1:abc)" in cli(
+        "schema", "downgrade", "0011", "--yes", code=1).stderr
+    assert "is at 0011" in cli("schema", "downgrade", "0011", "--yes", "--force").stdout
+    cli("init")
+    asyncio.run(beat(-1))  # run out
+    assert "is at 0011" in cli("schema", "downgrade", "0011", "--yes").stdout
+
+
+def _alive_mirrors(config_file: Path, timeout: float = 20) -> list[str]:
+    """The running mirrors, once there is one."""
+    async def alive() -> list[str]:
+        store = Store.open(load_config(config_file).storage.url)
+        try:
+            return await Mailboxes(store.db).alive()
+        finally:
+            await store.close()
+
+    deadline = time.monotonic() + timeout
+    while not (found := asyncio.run(alive())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return found
 
 
 def _relay_capture_and_stop(cli: Cli, served: tuple[subprocess.Popen[bytes], int, Path],

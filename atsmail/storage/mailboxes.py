@@ -337,6 +337,14 @@ class Mailboxes:
         held.sort()
         return Leases(held, held[share:])
 
+    async def alive(self) -> list[str]:
+        """The mirrors of the gateways running on the store: those whose
+        heartbeat has not run out (a gateway stopped cleanly leaves none)."""
+        async with self.db.read() as session:
+            return list(await session.scalars(
+                select(RunningMirror.id).where(RunningMirror.alive_until >= utcnow())
+                .order_by(RunningMirror.id)))
+
     async def release(self, holder: str, addresses: Sequence[str] | None = None) -> None:
         """Give up `holder`'s leases on `addresses` (all of them, and its place
         among the mirrors, when None): free at once for another mirror."""
