@@ -15,9 +15,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -31,6 +32,8 @@ from atsmail.storage.models import AuditEntry
 from tests.conftest import make_mail
 from tests.storage.test_retention import captured_days_ago
 from tests.storage.test_store import capture
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -201,9 +204,14 @@ def test_team_domains_and_jobs(cli: Cli) -> None:
 
 
 async def _audit(cli: Cli) -> list[AuditEntry]:
-    store = Store.open(load_config(cli.config).storage.url)
+    return await _in_store(cli.config, lambda store: Access(store.db).audit())
+
+
+async def _in_store(config_file: Path, work: Callable[[Store], Awaitable[T]]) -> T:
+    """`work` on the store that `config_file` names, opened for it alone."""
+    store = Store.open(load_config(config_file).storage.url)
     try:
-        return await Access(store.db).audit()
+        return await work(store)
     finally:
         await store.close()
 
@@ -400,33 +408,25 @@ def test_the_schema_is_not_taken_back_under_a_running_gateway(
 
 def test_a_heartbeat_left_by_a_killed_gateway_can_be_overridden(cli: Cli,
                                                                 config_file: Path) -> None:
-    async def beat(seconds: float) -> None:
-        store = Store.open(load_config(config_file).storage.url)
-        try:
-            await Mailboxes(store.db).hold("gone-host:1:abc", seconds)
-        finally:
-            await store.close()
+    def beat(seconds: float) -> None:
+        asyncio.run(_in_store(config_file, lambda store: Mailboxes(store.db).hold(
+            "gone-host:1:abc", seconds)))
 
-    asyncio.run(beat(60))
+    beat(60)
     assert "run on this store (gone-host:1:abc)" in cli(
         "schema", "downgrade", "0011", "--yes", code=1).stderr
     assert "is at 0011" in cli("schema", "downgrade", "0011", "--yes", "--force").stdout
     cli("init")
-    asyncio.run(beat(-1))  # run out
+    beat(-1)  # run out
     assert "is at 0011" in cli("schema", "downgrade", "0011", "--yes").stdout
 
 
 def _alive_mirrors(config_file: Path, timeout: float = 20) -> list[str]:
     """The running mirrors, once there is one."""
-    async def alive() -> list[str]:
-        store = Store.open(load_config(config_file).storage.url)
-        try:
-            return await Mailboxes(store.db).alive()
-        finally:
-            await store.close()
-
     deadline = time.monotonic() + timeout
-    while not (found := asyncio.run(alive())) and time.monotonic() < deadline:
+    while not (found := asyncio.run(_in_store(
+            config_file, lambda store: Mailboxes(store.db).alive()))) \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
     return found
 

@@ -335,9 +335,9 @@ assert b"forwarded message" not in SPLIT_HTML.lower()
     pytest.param(_with_cv(b"Content-Type: text/html; charset=utf-8\r\n"
                           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + SPLIT_HTML),
                  id="quoted-printable HTML, the marker split by a soft line break"),
-    pytest.param(_with_cv(_part("text/plain", FORWARD.replace(b"Forwarded message",
-                                                              b"Forwarded=20message"),
-                                encoding="7bit").replace(b"7bit", b"quoted-printable")),
+    pytest.param(_with_cv(b"Content-Type: text/plain\r\n"
+                          b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                          + FORWARD.replace(b"Forwarded message", b"Forwarded=20message")),
                  id="quoted-printable, a space as =20"),
     pytest.param(_with_cv(_part("text/plain", FORWARD, encoding="x-uuencode")), id="uuencode"),
     pytest.param(_with_cv(_part("text/plain; charset=utf-16", FORWARD.decode().encode("utf-16"),
