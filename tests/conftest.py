@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -357,6 +358,16 @@ def secrets_config(tmp_path: Path) -> SecretsConfig:
 # --- building and sending mail -------------------------------------------------
 
 _counter = itertools.count(1)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10) -> None:
+    """Wait until `check` holds, failing after `seconds`: for what happens after
+    an answer, at whatever speed the machine has."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("not reached in time")
+        await asyncio.sleep(0.05)
 
 
 def make_mail(sender: str, to: str | list[str], subject: str = "Hello", body: str = "Hi.\n",

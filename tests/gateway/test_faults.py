@@ -92,13 +92,24 @@ async def test_a_full_disk_defers_mail_and_the_retry_is_kept_once_space_is_back(
     assert [(t.subject, t.message_count) for t in threads] == [("While the disk was full", 1)]
 
 
+async def _lock(store_url: str) -> sqlite3.Connection:
+    """A connection of the test's own, holding the store's write lock.
+
+    It waits for the lock in a thread: a write of the gateway's own may hold
+    it for a moment, and finishing that write takes the event loop.
+    """
+    locker = sqlite3.connect(store_url.partition(":///")[2], isolation_level=None,
+                             check_same_thread=False)
+    await asyncio.to_thread(locker.execute, "BEGIN EXCLUSIVE")
+    return locker
+
+
 async def test_a_store_locked_longer_than_the_wait_defers_mail_then_it_flows(
         gateway_factory: GatewayFactory, team: Store, sink: Sink, store_url: str) -> None:
     gateway = await gateway_factory()
     raw = make_mail(RECRUITER, ADA, "While the store was locked")
-    locker = sqlite3.connect(store_url.partition(":///")[2], isolation_level=None)
+    locker = await _lock(store_url)
     try:
-        locker.execute("BEGIN EXCLUSIVE")
         result = await smtp_send(gateway.relay.port, raw, RECRUITER, [ADA])
         assert result.code == 451 and "store unavailable" in result.text
         assert sink.messages == []
@@ -124,9 +135,8 @@ async def test_a_message_deferred_by_a_locked_store_is_withdrawn_and_the_session
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=gateway.relay.port, timeout=30)
     await client.connect()
     deferred = make_mail(RECRUITER, ADA, "Deferred")
-    locker = sqlite3.connect(store_url.partition(":///")[2], isolation_level=None)
+    locker = await _lock(store_url)
     try:
-        locker.execute("BEGIN EXCLUSIVE")
         with pytest.raises(aiosmtplib.SMTPDataError) as error:
             await client.sendmail(RECRUITER, [ADA], deferred)
         assert error.value.code == 451 and "store unavailable" in error.value.message

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,20 +26,12 @@ from atsmail.storage import Store, mailboxes
 from atsmail.storage.capture import Capture, Prepared
 from atsmail.storage.mailboxes import Account, Mailboxes
 from atsmail.storage.models import Mailbox, utcnow
-from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
+from tests.conftest import GatewayFactory, Sink, eventually, make_mail, smtp_send
 from tests.dovecot import Dovecot
 from tests.oauth import TokenService
 
 ADA = "ada@applicant.test"
 FAST = MirrorConfig(poll_interval=0.5, command_timeout=5, reconnect_max=1)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("not reached in time")
-        await asyncio.sleep(0.1)
 
 
 async def connect(store: Store, secrets: SecretsConfig, dovecot: Dovecot, address: str,

@@ -26,7 +26,7 @@ from atsmail.gateway.relay import PARSE_IN_THREAD_ABOVE
 from atsmail.gateway.server import Gateway
 from atsmail.rules import message as message_module
 from atsmail.storage import Store
-from tests.conftest import GatewayFactory, Sink, make_mail, smtp_send
+from tests.conftest import GatewayFactory, Sink, eventually, make_mail, smtp_send
 
 RECRUITER = "recruiter@example.com"
 ADA = "ada@applicant.test"
@@ -394,11 +394,14 @@ async def test_client_hanging_up_while_waiting_for_the_answer_cuts_nothing(
     await writer.drain()
     await asyncio.sleep(0.05)
     writer.close()
-    await asyncio.sleep(0.6)
+
     # The upstream got the whole message and answered 250: it is delivered,
     # so the capture stands (the client will retry; the retry is stored once).
+    async def captured() -> bool:
+        return [t.message_count for t in await team.threads("C-1")] == [1]
+
+    await eventually(captured)
     assert len(sink.messages) == 1
-    assert [t.message_count for t in await team.threads("C-1")] == [1]
 
 
 async def test_concurrent_sessions_are_all_captured(relay: Gateway, team: Store) -> None:

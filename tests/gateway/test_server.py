@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import pytest
@@ -16,7 +15,7 @@ from atsmail.storage import Store
 from atsmail.storage.access import Access
 from atsmail.storage.retention import apply_retention
 from atsmail.storage.store import PurgeResult
-from tests.conftest import GatewayFactory, Sink, make_mail, relay_config
+from tests.conftest import GatewayFactory, Sink, eventually, make_mail, relay_config
 from tests.storage.test_retention import captured_days_ago
 from tests.storage.test_store import RECRUITER, capture
 
@@ -25,12 +24,6 @@ ADA = "ada@applicant.test"
 
 # Generous: the test machine is shared.
 WAIT = 20.0
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not await check():
-            await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -66,7 +59,7 @@ async def test_serve_purges_old_mail_every_interval_and_retries_a_failure(
     async def purged_once() -> bool:
         return bool(await purges(team))
 
-    await eventually(purged_once)
+    await eventually(purged_once, WAIT)
     assert calls[:2] == ["retention", "retention"]
     assert "the retention purge failed" in caplog.text and "disk on fire" in caplog.text
     assert (await purges(team))[0]["messages"] == 1
@@ -79,7 +72,7 @@ async def test_serve_purges_old_mail_every_interval_and_retries_a_failure(
     async def all_purged() -> bool:
         return sum(int(str(d["messages"])) for d in await purges(team)) == 2
 
-    await eventually(all_purged)
+    await eventually(all_purged, WAIT)
     assert await team.threads() == []
 
 
@@ -98,7 +91,7 @@ async def test_the_purge_task_runs_only_with_retention_and_stops_with_the_gatewa
                 async def logged() -> bool:
                     return "retention: purged" in caplog.text
 
-                await eventually(logged)
+                await eventually(logged, WAIT)
         finally:
             await gateway.stop(grace=1)
         assert not [t for t in asyncio.all_tasks() if t.get_name() == "retention"]
