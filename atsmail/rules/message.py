@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import quopri
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -50,16 +51,26 @@ _ORIGINAL_MARKERS = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 # Worth parsing the body for: a forward marker, an attached message (a
-# digest's parts are messages by default), or text whose encoding could hide
-# a marker. Plain substring tests on the lower-cased bytes: far cheaper than a
-# regex over every message the relay sees. "base64" is said of nearly every
-# attachment too, so mail with one is parsed whole: telling text in base64
-# from a PDF in base64 takes reading MIME headers as the email package does.
-FORWARD_HINTS = (
-    b"forwarded message", b"weitergeleitete nachricht", b"message transf",
+# digest's parts are messages by default), or text whose transfer encoding
+# or charset could hide a marker. Plain substring tests on the lower-cased
+# bytes: far cheaper than a regex over every message the relay sees (each
+# costs 0.3 ms a MB). "base64" is said of nearly every attachment too, so
+# mail with one is parsed. A NUL is how UTF-16 and UTF-32 write ASCII, by
+# whatever name the charset is given.
+FORWARD_MARKER_HINTS = (
+    b"forwarded message", b"weitergeleitete", b"message transf",
     b"mensaje reenviado", b"doorgestuurd bericht", b"messaggio inoltrato",
-    b"anfang der weitergeleiteten", b"message/rfc822", b"multipart/digest", b"base64",
 )
+FORWARD_HINTS = (b"base64", *FORWARD_MARKER_HINTS, b"message/rfc822", b"multipart/digest",
+                 b"\x00")
+# Uuencode, under the four names `Message.get_payload` decodes it by (uue,
+# x-uue, uuencode, x-uuencode), and not where base64 text (a DKIM signature)
+# happens to spell uue.
+_UUENCODE = re.compile(rb"uue(?:ncode)?(?![\w+/])")
+# `binascii.a2b_qp` reads "=" before a bare CR as a soft line break that
+# runs to the next LF, however far: then decoding all of a message is not
+# decoding each of its parts.
+_QP_SKIP = re.compile(rb"=\r(?!\n)")
 _BLOCK_ADDRESS_FIELDS = re.compile(
     r"^[ \t>]*\*?(?:from|von|de|da|van|to|an|[àa]|pour|para|aan|cc|kopie)\s*:\*?\s*(.+)$",
     re.IGNORECASE | re.MULTILINE,
@@ -76,6 +87,9 @@ _TEXT_SCAN_LIMIT = 256 * 1024
 # headers of a forwarded message come first, and parsing costs several times
 # what it reads (a 30 MB attachment would cost 100 MB to parse).
 FORWARD_SCAN_LIMIT = 2 * 1024 * 1024
+# How much of a message is parsed first, in the hope that its text is all
+# there (`_parse_for_forward`).
+_TEXT_FIRST = 64 * 1024
 # A body with more multipart boundaries than this is not read for a forward:
 # the email parser checks every line against every open boundary, so hostile
 # nesting costs it time quadratic in the depth (a second for a 60 KB message
@@ -153,20 +167,29 @@ class MessageFacts:
     size: int
     raw: bytes = field(repr=False)
     defects: tuple[str, ...] = field(default=())
+    # How far into `raw` a forward can be read (`_forward_reach`).
+    forward_end: int = field(default=FORWARD_SCAN_LIMIT, repr=False)
 
     @_cached
     def forward(self) -> Forward:
         """Read from the body on first use, and only when a forward is possible."""
-        start = self.raw[:FORWARD_SCAN_LIMIT]
-        if not might_forward(self.subject, start):
+        start = self.raw[:self.forward_end]
+        lowered = start.lower()
+        if not _hinted(self.subject, start, lowered):
             return Forward()
-        if start.lower().count(b"boundary") > _MAX_BOUNDARIES:
+        boundaries = lowered.count(b"boundary")
+        if boundaries > _MAX_BOUNDARIES:
             return Forward(subject_prefix=bool(FORWARD_SUBJECT.match(self.subject)))
         try:
-            return _read_forward(BytesParser(policy=compat32).parsebytes(start), self.subject)
-        except RecursionError:
-            # The email parser recurses per MIME level; hostile nesting is not
-            # read as a forward rather than failing the message.
+            # With no boundary there is one part: the parser reads no
+            # multipart without one.
+            return _read_forward(_parse_for_forward(start, lowered, boundaries > 0),
+                                 self.subject)
+        except Exception:
+            # The email package fails on some hostile input: RecursionError
+            # for deep nesting (it recurses per MIME level), TypeError for
+            # RFC 2231 boundary pieces it cannot put in order. Such a body is
+            # not read for a forward, rather than failing the message.
             return Forward(subject_prefix=bool(FORWARD_SUBJECT.match(self.subject)))
 
     @property
@@ -215,7 +238,8 @@ def read_message(
     # Headers only: the body is read later, and only when a forward is possible.
     # The parser walks a body line by line even with headersonly, so it gets
     # just the header block.
-    msg = BytesParser(policy=compat32).parsebytes(header_block(raw), headersonly=True)
+    header = header_block(raw)
+    msg = BytesParser(policy=compat32).parsebytes(header, headersonly=True)
     defects: list[str] = [type(d).__name__ for d in msg.defects]
     reader = _HeaderReader(msg, defects)
     ids = reader.message_ids("Message-ID")
@@ -239,7 +263,23 @@ def read_message(
         size=len(raw),
         raw=raw,
         defects=tuple(dict.fromkeys(defects)),
+        forward_end=_forward_reach(msg, len(header)),
     )
+
+
+def _forward_reach(header: Message, header_length: int) -> int:
+    """How far into a message its forward can be read, by its header.
+
+    The email parser tells by this same header whether a message has parts.
+    One that has none, in no transfer encoding, is its own text, and only
+    the first `_TEXT_SCAN_LIMIT` bytes of that are read: no sign further on
+    counts. Anything else is read as far as `FORWARD_SCAN_LIMIT`.
+    """
+    encoding = str(header.get("content-transfer-encoding", "")).lower()
+    if (header.get_content_maintype() not in ("multipart", "message")
+            and encoding in ("", "7bit", "8bit", "binary")):
+        return min(header_length + _TEXT_SCAN_LIMIT, FORWARD_SCAN_LIMIT)
+    return FORWARD_SCAN_LIMIT
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -375,10 +415,53 @@ class _HeaderReader:
 
 def might_forward(subject: str, raw: bytes) -> bool:
     """Cheap signs that reading the body for a forward is worth it."""
+    start = raw[:FORWARD_SCAN_LIMIT]
+    return _hinted(subject, start, start.lower())
+
+
+def _hinted(subject: str, start: bytes, lowered: bytes) -> bool:
     if FORWARD_SUBJECT.match(subject):
         return True
-    lowered = raw[:FORWARD_SCAN_LIMIT].lower()
-    return any(hint in lowered for hint in FORWARD_HINTS)
+    if any(hint in lowered for hint in FORWARD_HINTS) or _UUENCODE.search(lowered):
+        return True
+    if b"quoted-printable" not in lowered:
+        return False
+    if _QP_SKIP.search(start):
+        return True
+    # Decoding all of it decodes each quoted-printable part the way the
+    # email package does (with the same function): the decoding goes line
+    # by line, and a part starts on a line of its own.
+    decoded = quopri.decodestring(start).lower()
+    return any(hint in decoded for hint in (*FORWARD_MARKER_HINTS, b"\x00"))
+
+
+def _parse_for_forward(start: bytes, lowered: bytes, multipart: bool) -> Message:
+    """The message as far as the forward reader needs it.
+
+    Parsing costs some 16 ms a MB, and mail with an attachment is parsed
+    (its "base64" is a hint). Its text usually comes first, so the lines in
+    the first `_TEXT_FIRST` bytes are parsed alone when that can be enough:
+    no part can be an attached message, and they hold the message's own
+    text whole, as a plain-text part with a part after it. The email parser
+    reads line by line and never looks back, so every part it finished in
+    those whole lines is the part it would make of the whole message.
+    """
+    parse = BytesParser(policy=compat32).parsebytes
+    if (multipart and len(start) > _TEXT_FIRST and b"message/rfc822" not in lowered
+            and b"multipart/digest" not in lowered):
+        # A line cut short could read as a boundary ("--b" of "--bx").
+        end = max(start.rfind(b"\n", 0, _TEXT_FIRST), start.rfind(b"\r", 0, _TEXT_FIRST)) + 1
+        try:
+            head = parse(start[:end])
+        except Exception:
+            head = None  # the whole may still be readable
+        if head is not None:
+            leaves = list(_leaf_parts(head))
+            text = _own_text(leaves)
+            if text is not None and text.get_content_subtype() == "plain" \
+                    and text is not leaves[-1]:
+                return head
+    return parse(start)
 
 
 def _read_forward(msg: Message, subject: str) -> Forward:
@@ -456,16 +539,24 @@ def _attached_messages(msg: Message) -> Iterator[Message]:
                 yield payload[0]
 
 
+def _is_text(part: Message, subtype: str) -> bool:
+    """A part of the message's own text of `subtype`, not an attached file."""
+    return (part.get_content_type() == f"text/{subtype}"
+            and not str(part.get("Content-Disposition", "")).lower().startswith("attachment"))
+
+
+def _own_text(leaves: list[Message]) -> Message | None:
+    """The part that is the message's own text: its first plain-text part,
+    else its first HTML part, that is not an attached file."""
+    return next((p for subtype in ("plain", "html") for p in leaves if _is_text(p, subtype)),
+                None)
+
+
 def _first_text(msg: Message) -> str:
     """The message's own text (plain preferred, else HTML stripped of tags)."""
-    texts = [p for p in _leaf_parts(msg)
-             if p.get_content_maintype() == "text"
-             and p.get_content_subtype() in ("plain", "html")
-             and not str(p.get("Content-Disposition", "")).lower().startswith("attachment")]
-    texts.sort(key=lambda p: p.get_content_subtype() != "plain")
-    if not texts:
+    part = _own_text(list(_leaf_parts(msg)))
+    if part is None:
         return ""
-    part = texts[0]
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):
         return ""

@@ -198,6 +198,9 @@ CASES: dict[str, tuple[Callable[[], bytes], int, bool]] = {
     "nul_bytes_everywhere.eml": (from_corpus("nul_bytes_everywhere.eml"), 250, True),
     "nested_comments.eml": (from_corpus("nested_comments.eml"), 250, True),
     "broken_headers.eml": (from_corpus("broken_headers.eml"), 250, True),
+    # The email package raises on it (TypeError): its body is not read for a
+    # forward, and it is judged by its header.
+    "rfc2231_boundary_pieces.eml": (from_corpus("rfc2231_boundary_pieces.eml"), 250, True),
     "broken_mime.eml": (from_corpus("broken_mime.eml"), 250, True),
     "encoded_word_flood.eml": (from_corpus("encoded_word_flood.eml"), 250, True),
     "long_folded_header.eml": (from_corpus("long_folded_header.eml"), 250, True),

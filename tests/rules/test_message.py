@@ -14,6 +14,9 @@ import hashlib
 import quopri
 import threading
 from datetime import UTC, datetime, timedelta, timezone
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import pytest
 
 from atsmail.rules import Context, MessageFacts, decide, read_message
 from atsmail.rules import message as message_module
+from atsmail.rules.message import Forward
 from tests.conftest import make_mail
 
 DATA = Path(__file__).parent.parent / "data"
@@ -293,7 +297,7 @@ def _part(content_type: str | None, body: bytes, encoding: str = "base64",
     fields = ([f"Content-Type: {content_type}"] if content_type is not None else []) + [
         f"Content-Transfer-Encoding: {encoding}"]
     encoded = {"base64": base64.encodebytes, "quoted-printable": quopri.encodestring,
-               "x-uuencode": _uuencoded}.get(encoding, bytes)(body)
+               "x-uuencode": _uuencoded, "uue": _uuencoded}.get(encoding, bytes)(body)
     part = "\n".join(fields).encode() + b"\n\n" + encoded
     return part if lf else part.replace(b"\n", b"\r\n")
 
@@ -352,6 +356,225 @@ def test_a_forward_an_encoding_hides_is_found(raw: bytes) -> None:
     facts = read_message(raw)
     assert facts.forward.inline
     assert facts.forward.original_addresses == ADA_ORIGINAL
+
+
+def _own_text(part: bytes) -> bytes:
+    """A mail whose one part, its own text, is `part`."""
+    return b"From: r@example.com\r\nSubject: see below\r\nMIME-Version: 1.0\r\n" + part
+
+
+# The same disguises with no attachment, whose "base64" would have the mail
+# parsed anyway.
+@pytest.mark.parametrize("raw", [
+    pytest.param(_own_text(b"Content-Type: text/plain\r\n"
+                           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                           + FORWARD.replace(b"Forwarded message", b"Forwarded=20message")),
+                 id="quoted-printable, a space as =20"),
+    pytest.param(_own_text(b"Content-Type: text/plain\r\n"
+                           b"Content-Transfer-Encoding: Quoted-Printable\r\n\r\n"
+                           + FORWARD.replace(b"Forwarded message", b"Forwar=\r\nded message")),
+                 id="quoted-printable, a soft line break in the marker"),
+    pytest.param(_own_text(b"Content-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\n"
+                           b"Content-Type: text/html; charset=utf-8\r\n"
+                           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                           + SPLIT_HTML + b"\r\n--b--\r\n"),
+                 id="quoted-printable HTML in a multipart"),
+    pytest.param(_own_text(_part("text/plain", FORWARD, encoding="x-uuencode")),
+                 id="x-uuencode"),
+    pytest.param(_own_text(_part("text/plain", FORWARD, encoding="uue")), id="uue"),
+    pytest.param(_own_text(_part("text/plain; charset=UTF-16", FORWARD.decode().encode("utf-16"),
+                                 encoding="binary", lf=True)), id="UTF-16"),
+    pytest.param(_own_text(_part("text/plain; charset=utf_32", FORWARD.decode().encode("utf-32"),
+                                 encoding="8bit", lf=True)), id="UTF-32"),
+    pytest.param(_own_text(_part("text/plain; charset=UnicodeLittleUnmarked",
+                                 FORWARD.decode().encode("utf-16-le"), encoding="binary",
+                                 lf=True)),
+                 id="UTF-16 under Python's own name"),
+    pytest.param(_own_text(_part("text/plain; charset=u16", FORWARD.decode().encode("utf-16"),
+                                 encoding="binary", lf=True)), id="UTF-16 as u16"),
+    pytest.param(_own_text(_part("text/plain; charset*=''utf%2d16",
+                                 FORWARD.decode().encode("utf-16"), encoding="binary", lf=True)),
+                 id="UTF-16 as an RFC 2231 value"),
+    pytest.param(_own_text(b"Content-Type: text/plain; charset=utf-16\r\n"
+                           b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                           + quopri.encodestring(FORWARD.decode().encode("utf-16"))),
+                 id="quoted-printable UTF-16"),
+    # binascii.a2b_qp skips from "=" before a bare CR to the next LF.
+    pytest.param(b"Subject: see below\r\nX-Note: ab=\rContent-Transfer-Encoding: "
+                 b"quoted-printable\r\r" + FORWARD.split(b"\n\n", 1)[1].replace(
+                     b"\n", b"\r\n").replace(b"Forwarded message", b"Forwarded=20message"),
+                 id="quoted-printable, an earlier = before a bare CR"),
+])
+def test_a_forward_an_encoding_hides_is_found_in_mail_without_attachments(raw: bytes) -> None:
+    assert b"base64" not in raw.lower()
+    facts = read_message(raw)
+    assert facts.forward.inline
+    assert facts.forward.original_addresses == ADA_ORIGINAL
+
+
+def test_a_quoted_printable_mail_with_no_marker_is_not_parsed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nearly all HTML mail is quoted-printable: it is decoded to look for a
+    # marker, not parsed.
+    def parsed(msg: Any, subject: str) -> Forward:
+        raise AssertionError("parsed")
+
+    monkeypatch.setattr(message_module, "_read_forward", parsed)
+    text = FORWARD.replace(b"Forwarded message", b"Forwarded=20mess")
+    facts = read_message(_own_text(b"Content-Type: text/plain\r\n"
+                                   b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + text))
+    assert facts.forward == Forward()
+
+
+# --- mail with attachments: the parse of its first bytes ---------------------------
+
+BIG_PDF = b"%PDF-1.7 " * 100_000
+
+
+def _mixed(*parts: bytes) -> bytes:
+    body = b"".join(b"--b\r\n" + part + b"\r\n" for part in parts) + b"--b--\r\n"
+    return mail("From: r@example.com", "Subject: see below", body="",
+                content_type='multipart/mixed; boundary="b"') + body
+
+
+def _forward_of_whole(raw: bytes) -> Forward:
+    """The forward as read from a parse of all the message's first 2 MB."""
+    parsed = BytesParser(policy=compat32).parsebytes(raw[:message_module.FORWARD_SCAN_LIMIT])
+    return message_module._read_forward(parsed, read_message(raw).subject)
+
+
+def _parsed_lengths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The length of each message the forward reader's parser is given from now on."""
+    lengths: list[int] = []
+
+    class Parser(BytesParser):
+        def parsebytes(self, text: bytes, headersonly: bool = False) -> Message:
+            if not headersonly:
+                lengths.append(len(text))
+            return super().parsebytes(text, headersonly)
+
+    monkeypatch.setattr(message_module, "BytesParser", Parser)
+    return lengths
+
+
+def test_a_cv_mail_is_read_from_the_parse_of_its_first_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = _parsed_lengths(monkeypatch)
+    raw = _mixed(_part("text/plain", FORWARD, encoding="7bit"),
+                 _part("application/pdf; name=cv.pdf", BIG_PDF))
+    facts = read_message(raw)
+    assert facts.forward.inline
+    assert facts.forward.original_addresses == ADA_ORIGINAL
+    assert len(lengths) == 1
+    assert message_module._TEXT_FIRST - 100 < lengths[0] <= message_module._TEXT_FIRST
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(_mixed(_part("text/plain", b"See the attached.\n", encoding="7bit"),
+                        _part("application/pdf; name=cv.pdf", BIG_PDF),
+                        b"Content-Type: message/rfc822\r\n\r\nFrom: Ada <ada@applicant.test>\r\n"
+                        b"To: jobs@example.com\r\n\r\nDear team\r\n"),
+                 id="a message attached after a CV"),
+    pytest.param(_mixed(_part("text/plain", b"See the attached.\n", encoding="7bit"),
+                        _part("application/pdf; name=cv.pdf", BIG_PDF),
+                        b'Content-Type: multipart/digest; boundary="d"\r\n\r\n--d\r\n\r\n'
+                        b"From: Ada <ada@applicant.test>\r\nTo: jobs@example.com\r\n\r\n"
+                        b"Dear team\r\n--d--"),
+                 id="a digest after a CV"),
+    pytest.param(_mixed(_part("text/html", b"<p>See the attached.</p>", encoding="7bit"),
+                        _part("application/pdf; name=cv.pdf", BIG_PDF),
+                        _part("text/plain", FORWARD, encoding="7bit")),
+                 id="the plain text after the CV, HTML before it"),
+    pytest.param(_mixed(_part("text/plain", b"x" * 100_000 + b"\n" + FORWARD, encoding="7bit"),
+                        _part("application/pdf; name=cv.pdf", BIG_PDF)),
+                 id="a plain text longer than the first bytes"),
+    pytest.param(_mixed(_part("image/png", BIG_PDF[:100_000]),
+                        _part("text/plain", FORWARD, encoding="7bit"),
+                        _part("application/pdf; name=cv.pdf", BIG_PDF)),
+                 id="the text after a large image"),
+    pytest.param(_mixed(b"Content-Type: text/plain\r\nContent-Disposition: attachment; "
+                        b"filename=notes.txt\r\n\r\nnotes",
+                        b"\r\n" + b"x" * 70_000 + b"\r\n" + FORWARD,
+                        _part("application/pdf; name=cv.pdf", BIG_PDF)),
+                 id="an attached text file first, the text longer than the first bytes"),
+])
+def test_a_forward_beyond_the_first_bytes_is_found(raw: bytes) -> None:
+    forward = read_message(raw).forward
+    assert forward.is_forward
+    assert set(forward.original_addresses) >= {"ada@applicant.test"}
+    assert forward == _forward_of_whole(raw)
+
+
+def test_the_first_bytes_read_as_the_whole_wherever_they_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first bytes end at every point around the end of the text part, in
+    # mail of every layout a CV comes in: what is read is what a parse of
+    # the whole gives.
+    texts = {"a forward": FORWARD, "no forward": b"See the attached.\n",
+             "a forward at the end": b"x\n" * 40 + FORWARD.replace(b"\n\nDear team\n", b""),
+             # Lines a cut could make a boundary of.
+             "lines like a boundary": b"x\n--bx\n--b--x\n--ax\n" + FORWARD}
+    cv = _part("application/pdf; name=cv.pdf", b"%PDF-1.7 " * 300)
+    for text in texts.values():
+        for raw in (
+                _mixed(_part("text/plain", text, encoding="7bit"), cv),
+                _mixed(_part("text/plain", text, encoding="quoted-printable"), cv, cv),
+                _mixed(b'Content-Type: multipart/alternative; boundary="a"\r\n\r\n--a\r\n'
+                       + _part("text/plain", text, encoding="7bit") + b"\r\n--a\r\n"
+                       + _part("text/html", b"<p>" + text + b"</p>", encoding="7bit")
+                       + b"\r\n--a--", cv),
+                _mixed(_part("text/plain", text, encoding="7bit").replace(b"\r\n", b"\n"), cv),
+        ):
+            end = raw.index(b"Content-Type: application/pdf")
+            whole = _forward_of_whole(raw)
+            for cut in range(100, end + 200):
+                monkeypatch.setattr(message_module, "_TEXT_FIRST", cut)
+                assert read_message(raw).forward == whole, (raw[:cut], cut)
+
+
+# --- mail of one part: read as far as its text goes ------------------------------
+
+@pytest.mark.parametrize("encoding", [None, "7bit", "8bit", "binary", "quoted-printable",
+                                      "base64"])
+def test_a_single_part_is_read_as_far_as_its_text_goes(
+        monkeypatch: pytest.MonkeyPatch, encoding: str | None) -> None:
+    monkeypatch.setattr(message_module, "_TEXT_SCAN_LIMIT", 600)
+    found = set()
+    # The marker (and the forwarded header after it) from well before the
+    # text's limit to well after it.
+    for padding in range(300, 700, 3):
+        text = b"x" * (padding - 1) + b"\n" + FORWARD
+        field = [f"Content-Transfer-Encoding: {encoding}"] if encoding else []
+        raw = mail("From: r@example.com", "Subject: see below", *field, body="")
+        raw += {"quoted-printable": quopri.encodestring,
+                "base64": base64.encodebytes}.get(encoding or "", bytes)(text)
+        forward = read_message(raw).forward
+        assert forward == _forward_of_whole(raw), padding
+        found.add(forward.inline)
+    assert found == {True, False}
+
+
+def test_a_large_plain_mail_is_read_no_further_than_its_text(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = _parsed_lengths(monkeypatch)
+    raw = mail("From: r@example.com", "Subject: see below", body=GMAIL_FORWARD + "x\n" * 500_000)
+    facts = read_message(raw)
+    assert facts.forward.inline
+    assert lengths == [len(message_module.header_block(raw)) + message_module._TEXT_SCAN_LIMIT]
+
+
+@pytest.mark.parametrize("first", [b"", b"Content-Type: text/plain\r\n"])
+def test_a_boundary_the_email_package_cannot_read_fails_no_message(first: bytes) -> None:
+    # Its RFC 2231 pieces cannot be put in order (the email package raises
+    # TypeError), in a part within the first bytes and beyond them.
+    text = _part("text/plain", FORWARD, encoding="7bit") if first else b"\r\n" + FORWARD
+    raw = _mixed(text, b"Content-Type: multipart/alternative; boundary*0=a; boundary*1=lt; "
+                 b"boundary*=x\r\n\r\n--alt\r\n\r\nhi\r\n--alt--",
+                 _part("application/pdf; name=cv.pdf", BIG_PDF))
+    with pytest.raises(TypeError):
+        BytesParser(policy=compat32).parsebytes(raw)
+    facts = read_message(raw.replace(b"Subject: see below", b"Subject: Fwd: see below"))
+    assert facts.forward == Forward(subject_prefix=True)
 
 
 def test_a_forwarded_message_in_a_digest_is_found() -> None:
