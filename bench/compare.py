@@ -130,6 +130,21 @@ def p99(result: LoadResult) -> float:
     return percentile(result, 0.99)
 
 
+def print_latency(sink_port: int, mta_port: int, relay_port: int,
+                  opts: argparse.Namespace) -> None:
+    straight = latency(sink_port, opts.latency_messages, opts.candidates, "direct")
+    queued = latency(mta_port, opts.latency_messages, opts.candidates, "postfix")
+    relayed = latency(relay_port, opts.latency_messages, opts.candidates, "relay")
+    print("\nlatency, one session, 10 KB, ms (p50 / p90 / p99 / max):")
+    for name, load in (("straight to the sink", straight),
+                       ("through Postfix, to its queue", queued),
+                       ("through atsmail, to the sink, captured", relayed)):
+        print(f"  {name}: " + " / ".join(
+            f"{percentile(load, q):.1f}" for q in (0.5, 0.9, 0.99, 1.0)))
+    print(f"added at p99: Postfix {p99(queued) - p99(straight):+.1f} ms, "
+          f"atsmail {p99(relayed) - p99(straight):+.1f} ms")
+
+
 def run(opts: argparse.Namespace) -> int:
     if os.geteuid() != 0 or not shutil.which("postfix") or not shutil.which("smtp-source"):
         raise SystemExit("needs root, Postfix and its smtp-source (Debian package postfix)")
@@ -178,17 +193,8 @@ def run(opts: argparse.Namespace) -> int:
                           f"{delivered:,.0f} | {relayed:,.0f} | {relayed / delivered:.2f}",
                           flush=True)
 
-            straight = latency(sink_port, opts.latency_messages, opts.candidates, "direct")
-            queued = latency(mta_port, opts.latency_messages, opts.candidates, "postfix")
-            relayed_load = latency(relay_port, opts.latency_messages, opts.candidates, "relay")
-            print("\nlatency, one session, 10 KB, ms (p50 / p90 / p99 / max):")
-            for name, load in (("straight to the sink", straight),
-                               ("through Postfix, to its queue", queued),
-                               ("through atsmail, to the sink, captured", relayed_load)):
-                print(f"  {name}: " + " / ".join(
-                    f"{percentile(load, q):.1f}" for q in (0.5, 0.9, 0.99, 1.0)))
-            print(f"added at p99: Postfix {p99(queued) - p99(straight):+.1f} ms, "
-                  f"atsmail {p99(relayed_load) - p99(straight):+.1f} ms")
+            if opts.latency_messages:
+                print_latency(sink_port, mta_port, relay_port, opts)
             stop_process(gateway)
             captured, _ = captured_count(config)
             expected = sent + opts.latency_messages // 2
@@ -210,7 +216,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="bytes to send per cell (messages = bytes / size)")
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--latency-messages", type=int, default=500)
+    parser.add_argument("--latency-messages", type=int, default=500,
+                        help="messages in the latency run (0: no latency run)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     return parser.parse_args(argv)
 
