@@ -119,6 +119,14 @@ JUDGED = [
      header("From: colleague@example.com", "Subject: =?utf-8?q?Fwd=3A_CV?=")),
     ("an attached message", header("From: colleague@example.com",
                                    "Content-Type: message/rfc822")),
+    ("a forward that quoted-printable hides",
+     header("From: colleague@example.com", "To: recruiter@example.com",
+            "Content-Transfer-Encoding: quoted-printable")
+     + b"---------- Forwarded=20message ---------\r\nFrom: ada@applicant.test\r\n"),
+    ("a forward in UTF-16",
+     header("From: colleague@example.com", "To: recruiter@example.com",
+            "Content-Type: text/plain; charset=utf-16")
+     + "---------- Forwarded message ---------\nFrom: ada@applicant.test\n".encode("utf-16")),
     ("an empty List-Id first", header("From: ada@applicant.test", "List-Id:   ",
                                       "List-Id: <l.test>")),
     ("a Precedence that is not bulk", header("From: ada@applicant.test",
@@ -146,6 +154,14 @@ def test_mail_the_rules_can_never_capture_is_passed_over(name: str, raw: bytes) 
 @pytest.mark.parametrize(("name", "raw"), JUDGED, ids=[n for n, _ in JUDGED])
 def test_mail_that_might_be_captured_is_judged(name: str, raw: bytes) -> None:
     assert not assert_sound(raw)
+
+
+@pytest.mark.parametrize("name", ["a forward that quoted-printable hides", "a forward in UTF-16"])
+def test_a_hidden_forward_among_colleagues_is_judged_and_captured(name: str) -> None:
+    # What passing over it would lose: the forward of a candidate's mail.
+    raw = dict(JUDGED)[name]
+    assert not never_captured(raw, DIRECTORY)
+    assert decide(read_message(raw), worst_case(raw, None)).capture
 
 
 # Parts to build headers from: plain and odd fields, folds, bulk and forward
