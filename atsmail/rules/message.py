@@ -568,7 +568,8 @@ def _first_text(msg: Message) -> str:
         # "punycode" raise whatever the error handler says; UnicodeError is
         # a ValueError), or a name with a NUL in it.
         text = data[:_TEXT_SCAN_LIMIT].decode("utf-8", "replace")
-    text = text.replace("\r\n", "\n")
+    # Lines end as the email parser ends them: at CRLF, LF or a bare CR.
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     if part.get_content_subtype() == "html":
         text = re.sub(r"<br\s*/?>|</(?:p|div)>", "\n", text, flags=re.IGNORECASE)
         text = html.unescape(re.sub(r"<[^<>]*>", "", text))

@@ -412,6 +412,14 @@ def test_a_forward_an_encoding_hides_is_found_in_mail_without_attachments(raw: b
     assert facts.forward.original_addresses == ADA_ORIGINAL
 
 
+def test_a_forward_in_text_with_bare_cr_line_ends_is_found() -> None:
+    # As old Mac mail has them (found by the mirror: the relay refuses them).
+    facts = read_message(_own_text(b"Content-Type: text/plain\r\n\r\n"
+                                   + FORWARD.replace(b"\n", b"\r")))
+    assert facts.forward.inline
+    assert facts.forward.original_addresses == ADA_ORIGINAL
+
+
 def test_a_quoted_printable_mail_with_no_marker_is_not_parsed(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Nearly all HTML mail is quoted-printable: it is decoded to look for a
