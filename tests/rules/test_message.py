@@ -571,18 +571,24 @@ def test_a_large_plain_mail_is_read_no_further_than_its_text(
     assert lengths == [len(message_module.header_block(raw)) + message_module._TEXT_SCAN_LIMIT]
 
 
-@pytest.mark.parametrize("first", [b"", b"Content-Type: text/plain\r\n"])
-def test_a_boundary_the_email_package_cannot_read_fails_no_message(first: bytes) -> None:
-    # Its RFC 2231 pieces cannot be put in order (the email package raises
-    # TypeError), in a part within the first bytes and beyond them.
-    text = _part("text/plain", FORWARD, encoding="7bit") if first else b"\r\n" + FORWARD
-    raw = _mixed(text, b"Content-Type: multipart/alternative; boundary*0=a; boundary*1=lt; "
-                 b"boundary*=x\r\n\r\n--alt\r\n\r\nhi\r\n--alt--",
-                 _part("application/pdf; name=cv.pdf", BIG_PDF))
+# Its RFC 2231 pieces cannot be put in order: the email package raises TypeError.
+UNREADABLE = (b"Content-Type: multipart/alternative; boundary*0=a; boundary*1=lt; "
+              b"boundary*=x\r\n\r\n--alt\r\n\r\nhi\r\n--alt--")
+
+
+@pytest.mark.parametrize(("beyond_the_first_bytes", "read"), [(False, False), (True, True)])
+def test_a_boundary_the_email_package_cannot_read_fails_no_message(
+        beyond_the_first_bytes: bool, read: bool) -> None:
+    text = _part("text/plain", FORWARD, encoding="7bit")
+    cv = _part("application/pdf; name=cv.pdf", BIG_PDF)
+    raw = _mixed(text, cv, UNREADABLE) if beyond_the_first_bytes else _mixed(text, UNREADABLE, cv)
+    raw = raw.replace(b"Subject: see below", b"Subject: Fwd: see below")
     with pytest.raises(TypeError):
         BytesParser(policy=compat32).parsebytes(raw)
-    facts = read_message(raw.replace(b"Subject: see below", b"Subject: Fwd: see below"))
-    assert facts.forward == Forward(subject_prefix=True)
+    forward = read_message(raw).forward
+    assert forward.subject_prefix
+    # Beyond the first bytes, the text before it is still read.
+    assert forward.inline is read
 
 
 def test_a_forwarded_message_in_a_digest_is_found() -> None:
