@@ -307,12 +307,21 @@ def _uuencoded(data: bytes) -> bytes:
     return b"begin 644 text.txt\n" + b"".join(lines) + b"`\nend\n"
 
 
-def _with_cv(*parts: bytes, kind: str = "mixed") -> bytes:
-    """A mail whose parts are `parts`, then a CV in base64."""
-    cv = _part("application/pdf; name=cv.pdf", b"%PDF-1.7 " * 2000)
-    body = b"".join(b"--b\r\n" + part + b"\r\n" for part in (*parts, cv)) + b"--b--\r\n"
+def _mixed(*parts: bytes, kind: str = "mixed") -> bytes:
+    """A mail whose parts are `parts`."""
+    body = b"".join(b"--b\r\n" + part + b"\r\n" for part in parts) + b"--b--\r\n"
     return mail("From: r@example.com", "Subject: see below", body="",
                 content_type=f'multipart/{kind}; boundary="b"') + body
+
+
+def _cv(pdf: bytes = b"%PDF-1.7 " * 2000) -> bytes:
+    """A CV, in base64."""
+    return _part("application/pdf; name=cv.pdf", pdf)
+
+
+def _with_cv(*parts: bytes, kind: str = "mixed") -> bytes:
+    """A mail whose parts are `parts`, then a CV."""
+    return _mixed(*parts, _cv(), kind=kind)
 
 
 FORWARD = GMAIL_FORWARD.encode()
@@ -436,13 +445,7 @@ def test_a_quoted_printable_mail_with_no_marker_is_not_parsed(
 
 # --- mail with attachments: the parse of its first bytes ---------------------------
 
-BIG_PDF = b"%PDF-1.7 " * 100_000
-
-
-def _mixed(*parts: bytes) -> bytes:
-    body = b"".join(b"--b\r\n" + part + b"\r\n" for part in parts) + b"--b--\r\n"
-    return mail("From: r@example.com", "Subject: see below", body="",
-                content_type='multipart/mixed; boundary="b"') + body
+BIG_CV = _cv(b"%PDF-1.7 " * 100_000)
 
 
 def _forward_of_whole(raw: bytes) -> Forward:
@@ -469,7 +472,7 @@ def test_a_cv_mail_is_read_from_the_parse_of_its_first_bytes(
         monkeypatch: pytest.MonkeyPatch) -> None:
     lengths = _parsed_lengths(monkeypatch)
     raw = _mixed(_part("text/plain", FORWARD, encoding="7bit"),
-                 _part("application/pdf; name=cv.pdf", BIG_PDF))
+                 BIG_CV)
     facts = read_message(raw)
     assert facts.forward.inline
     assert facts.forward.original_addresses == ADA_ORIGINAL
@@ -479,31 +482,31 @@ def test_a_cv_mail_is_read_from_the_parse_of_its_first_bytes(
 
 @pytest.mark.parametrize("raw", [
     pytest.param(_mixed(_part("text/plain", b"See the attached.\n", encoding="7bit"),
-                        _part("application/pdf; name=cv.pdf", BIG_PDF),
+                        BIG_CV,
                         b"Content-Type: message/rfc822\r\n\r\nFrom: Ada <ada@applicant.test>\r\n"
                         b"To: jobs@example.com\r\n\r\nDear team\r\n"),
                  id="a message attached after a CV"),
     pytest.param(_mixed(_part("text/plain", b"See the attached.\n", encoding="7bit"),
-                        _part("application/pdf; name=cv.pdf", BIG_PDF),
+                        BIG_CV,
                         b'Content-Type: multipart/digest; boundary="d"\r\n\r\n--d\r\n\r\n'
                         b"From: Ada <ada@applicant.test>\r\nTo: jobs@example.com\r\n\r\n"
                         b"Dear team\r\n--d--"),
                  id="a digest after a CV"),
     pytest.param(_mixed(_part("text/html", b"<p>See the attached.</p>", encoding="7bit"),
-                        _part("application/pdf; name=cv.pdf", BIG_PDF),
+                        BIG_CV,
                         _part("text/plain", FORWARD, encoding="7bit")),
                  id="the plain text after the CV, HTML before it"),
     pytest.param(_mixed(_part("text/plain", b"x" * 100_000 + b"\n" + FORWARD, encoding="7bit"),
-                        _part("application/pdf; name=cv.pdf", BIG_PDF)),
+                        BIG_CV),
                  id="a plain text longer than the first bytes"),
-    pytest.param(_mixed(_part("image/png", BIG_PDF[:100_000]),
+    pytest.param(_mixed(_part("image/png", b"\x89PNG" * 25_000),
                         _part("text/plain", FORWARD, encoding="7bit"),
-                        _part("application/pdf; name=cv.pdf", BIG_PDF)),
+                        BIG_CV),
                  id="the text after a large image"),
     pytest.param(_mixed(b"Content-Type: text/plain\r\nContent-Disposition: attachment; "
                         b"filename=notes.txt\r\n\r\nnotes",
                         b"\r\n" + b"x" * 70_000 + b"\r\n" + FORWARD,
-                        _part("application/pdf; name=cv.pdf", BIG_PDF)),
+                        BIG_CV),
                  id="an attached text file first, the text longer than the first bytes"),
 ])
 def test_a_forward_beyond_the_first_bytes_is_found(raw: bytes) -> None:
@@ -522,7 +525,7 @@ def test_the_first_bytes_read_as_the_whole_wherever_they_end(
              "a forward at the end": b"x\n" * 40 + FORWARD.replace(b"\n\nDear team\n", b""),
              # Lines a cut could make a boundary of.
              "lines like a boundary": b"x\n--bx\n--b--x\n--ax\n" + FORWARD}
-    cv = _part("application/pdf; name=cv.pdf", b"%PDF-1.7 " * 300)
+    cv = _cv(b"%PDF-1.7 " * 300)
     for text in texts.values():
         for raw in (
                 _mixed(_part("text/plain", text, encoding="7bit"), cv),
@@ -580,8 +583,8 @@ UNREADABLE = (b"Content-Type: multipart/alternative; boundary*0=a; boundary*1=lt
 def test_a_boundary_the_email_package_cannot_read_fails_no_message(
         beyond_the_first_bytes: bool, read: bool) -> None:
     text = _part("text/plain", FORWARD, encoding="7bit")
-    cv = _part("application/pdf; name=cv.pdf", BIG_PDF)
-    raw = _mixed(text, cv, UNREADABLE) if beyond_the_first_bytes else _mixed(text, UNREADABLE, cv)
+    raw = (_mixed(text, BIG_CV, UNREADABLE) if beyond_the_first_bytes
+           else _mixed(text, UNREADABLE, BIG_CV))
     raw = raw.replace(b"Subject: see below", b"Subject: Fwd: see below")
     with pytest.raises(TypeError):
         BytesParser(policy=compat32).parsebytes(raw)
