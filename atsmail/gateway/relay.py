@@ -34,7 +34,13 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 
 from atsmail.config import Config, ConfigError, RelayConfig
 from atsmail.gateway.limits import RateLimiter
-from atsmail.gateway.upstream import LOST, Reply, UpstreamSession, open_session
+from atsmail.gateway.upstream import (
+    LOST,
+    Reply,
+    SmtpSession,
+    UpstreamSession,
+    open_session,
+)
 from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
 from atsmail.rules.addresses import in_domains, try_normalize
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
@@ -80,6 +86,10 @@ INTERNAL_SENDER = "550 5.7.1 <{}>: internal sender address refused from outside 
 # The end of data, with the <CR><LF> that ends the message's last line.
 END_OF_DATA = b"\r\n.\r\n"
 
+# A message's data is passed upstream as it arrives, in whole lines, each
+# time this much more has come.
+PASS_EVERY = 64 * 1024
+
 # The longest line taken, in bytes before its <LF>: aiosmtpd's limit (1001
 # with <CR><LF>), one more than RFC 5321's.
 MAX_LINE = 1000
@@ -119,6 +129,9 @@ class RelaySession(Session):
         self.upstream: UpstreamSession | None = None
         # The message being handed on, which a client hanging up must not cut.
         self.delivery: asyncio.Task[str] | None = None
+        # The upstream's answer to a DATA sent while the client's data was
+        # still arriving (354: its data is being passed on as it comes).
+        self.passed: Reply | None = None
         # RCPT commands in the current transaction.
         self.rcpt_attempts = 0
         # Whether the client's address is in allowed_networks, once it is known.
@@ -205,6 +218,8 @@ class RelayProtocol(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        assert isinstance(self.session, RelaySession)
+        self.session.passed = None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         try:
             data, refusal = await self._read_data()
@@ -213,6 +228,8 @@ class RelayProtocol(SMTP):
             self._writer.close()
             raise
         if refusal is not None:
+            if self.session.passed is not None and self.session.upstream is not None:
+                await self.session.upstream.reset()  # what was passed on is not delivered
             await self.push(refusal)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
@@ -243,6 +260,8 @@ class RelayProtocol(SMTP):
         # The last two bytes read: a <CR><LF> that ends one piece makes a dot
         # that begins the next a transparency dot.
         tail = b""
+        # How much of `data` went upstream as it arrived; -1: no more will.
+        passed = 2
         while True:
             try:
                 piece = await reader.readuntil(END_OF_DATA)
@@ -259,12 +278,42 @@ class RelayProtocol(SMTP):
                 refusal = LINE_TOO_LONG
             if refusal is None:
                 data += _unstuffed(piece, end, tail)
+                if passed >= 0 and (len(data) - passed >= PASS_EVERY or (ended and passed > 2)):
+                    passed = await self._pass_on(data, passed)
             else:
                 del data[:]
             tail = (tail + piece[-2:])[-2:]
             if ended:
                 del data[:2]  # the <CR><LF> put back
                 return bytes(data), refusal
+
+    async def _pass_on(self, data: bytearray, passed: int) -> int:
+        """Pass the whole lines of `data` after `passed` upstream, before the
+        rest of the message arrives; how far it is passed on, or -1 when no
+        more of it will be.
+
+        Only lines ended by <CR><LF> go: a message with other line ends is
+        taken whole (or refused, once it has lines of both kinds), and
+        nothing in what goes can end the data upstream. Whatever comes
+        after, the upstream gets its end of data only once the whole
+        message was read and judged.
+        """
+        session = self.session
+        assert isinstance(session, RelaySession)
+        cut = data.rfind(b"\r\n", passed) + 2
+        lines = bytes(data[passed:cut])
+        crlf = lines.count(b"\r\n")
+        if not crlf or lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
+            return -1
+        if session.passed is None:
+            session.passed = await self.event_handler.begin_passing(session)
+            if session.passed is None:
+                return -1
+        if session.passed.code != 354:
+            return -1  # answered at the end of data
+        assert isinstance(session.upstream, SmtpSession)
+        await session.upstream.send(lines)
+        return cut
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -542,14 +591,23 @@ class Relay:
             envelope.rcpt_options.extend(rcpt_options)
         return str(reply)
 
+    async def begin_passing(self, session: RelaySession) -> Reply | None:
+        """Send the upstream DATA while the client's data is still arriving, so
+        that a large message goes on as it comes instead of after it: the
+        upstream's answer, or None when this upstream takes a message whole."""
+        upstream = session.upstream
+        if not isinstance(upstream, SmtpSession) or not upstream.in_transaction:
+            return None
+        return await upstream.begin_data()
+
     async def handle_DATA(self, server: SMTP, session: RelaySession, envelope: Envelope) -> str:
         upstream = session.upstream
         if upstream is None:
             return str(Reply(451, "4.4.2 Upstream session lost, try again later"))
         # Shielded: a client that hangs up mid-way must not leave a capture
         # half-written or an upstream transaction half-done.
-        session.delivery = self._spawn(
-            self._relay_message(upstream, envelope, trusted=self._allowed(session)))
+        session.delivery = self._spawn(self._relay_message(
+            upstream, envelope, trusted=self._allowed(session), passed=session.passed))
         return await asyncio.shield(session.delivery)
 
     async def handle_EHLO(self, server: SMTP, session: RelaySession, envelope: Envelope,
@@ -577,7 +635,9 @@ class Relay:
     # --- one message ---------------------------------------------------------
 
     async def _relay_message(self, upstream: UpstreamSession, envelope: Envelope,
-                             trusted: bool) -> str:
+                             trusted: bool, passed: Reply | None = None) -> str:
+        """Judge the message and hand it on; the answer to give. `passed`: the
+        upstream's answer to a DATA sent while the message was arriving."""
         sender = envelope.mail_from if envelope.mail_from != "<>" else None
         raw = normalise_line_ends(envelope.original_content or b"")
         if raw is None:
@@ -602,7 +662,13 @@ class Relay:
             return not isinstance(await judging, str)
 
         try:
-            reply = await upstream.data(raw, release=released)
+            if passed is None:
+                reply = await upstream.data(raw, release=released)
+            elif passed.code == 354:
+                assert isinstance(upstream, SmtpSession)
+                reply = await upstream.end_data(released)
+            else:
+                reply = passed
         except BaseException:
             # Not an upstream failure (those are replies): nothing is answered
             # from here, so a copy the judge stores is withdrawn.

@@ -154,6 +154,13 @@ class SmtpSession:
         self.client = client
         self.data_timeout = data_timeout
         self._in_transaction = False
+        # DATA was sent and its end of data was not: only closing the
+        # connection ends such a transaction (RFC 5321 3.8).
+        self._in_data = False
+        # The connection the message goes over, from its 354 on: kept, as
+        # aiosmtplib forgets it when the upstream hangs up, and the answer
+        # it may have sent first is read from it.
+        self._data_protocol: SMTPProtocol | None = None
         self._encoding = "ascii"
 
     @property
@@ -162,7 +169,7 @@ class SmtpSession:
 
     @property
     def in_transaction(self) -> bool:
-        return self._in_transaction and self.usable
+        return (self._in_transaction or self._in_data) and self.usable
 
     def _options(self, options: list[str]) -> list[str]:
         passed = []
@@ -225,6 +232,61 @@ class SmtpSession:
         except _Withdrawn:
             return WITHDRAWN
 
+    async def begin_data(self) -> Reply:
+        """DATA for a message passed on as it arrives: `send` its pieces, then
+        `end_data`. The upstream's 354, or its refusal or our 4xx."""
+        return await self._run("DATA", self._begin_data())
+
+    async def send(self, lines: bytes) -> None:
+        """More of the message begun by `begin_data`: whole lines, ended by
+        <CR><LF>, dot-stuffed here. An upstream that hung up or stopped
+        reading is heard at `end_data`."""
+        try:
+            for piece in _stuffed_pieces(lines, end=False):
+                await self._write(piece)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            log.warning("upstream failed while a message was passed on: %s", exc)
+            self.client.close()
+
+    async def end_data(self, release: Release) -> Reply:
+        """The end of the message begun by `begin_data`, once `release()` allows
+        (as `data` with `release`)."""
+        try:
+            return await self._run("DATA", self._end_data(b".\r\n", release))
+        except _Withdrawn:
+            return WITHDRAWN
+
+    async def _begin_data(self) -> aiosmtplib.SMTPResponse:
+        # In data from the command on: a connection dropped while it is
+        # answered is closed, not sent a QUIT the upstream would read as data.
+        self._in_data = True
+        start = await self.client.execute_command(b"DATA", timeout=self.data_timeout)
+        if start.code != 354:
+            self._in_data = False
+            # The transaction may still be open upstream: the next reset() ends it.
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        self._in_transaction = False
+        protocol = self._data_protocol = self.client.protocol
+        assert protocol is not None
+        # The upstream may answer as soon as the last piece is out: aiosmtplib
+        # drops what arrives while it expects no reply.
+        protocol._response_pending = True
+        return start
+
+    async def _write(self, piece: bytes | memoryview) -> None:
+        protocol = self._data_protocol
+        if protocol is None or not protocol.is_connected:
+            return  # it hung up, perhaps with an answer: read at the end
+        try:
+            # Typed as bytes, but handed to the transport, which takes any buffer.
+            protocol.write(piece)  # type: ignore[arg-type]
+            # aiosmtplib's flow control: wait while the upstream is not reading.
+            await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
+        except TimeoutError:
+            raise aiosmtplib.SMTPTimeoutError("upstream stopped reading the message") from None
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+            pass  # it is hanging up: as above
+
     async def _send_data(self, content: bytes,
                          release: Release | None) -> aiosmtplib.SMTPResponse:
         """DATA, with the message written in pieces, each dot-stuffed as it goes.
@@ -234,36 +296,30 @@ class SmtpSession:
         it at once; for a 30 MB message that is most of the relay's peak memory.
         `content` has <CR><LF> line ends (the relay sees to that).
         """
-        start = await self.client.execute_command(b"DATA", timeout=self.data_timeout)
-        if start.code != 354:
-            # The transaction may still be open upstream: the next reset() ends it.
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
-        # From here it ends with the end of data, or with the connection.
-        self._in_transaction = False
-        protocol = self.client.protocol
-        assert protocol is not None
-        # The upstream may answer as soon as the last piece is out: aiosmtplib
-        # drops what arrives while it expects no reply.
-        protocol._response_pending = True
+        await self._begin_data()
+        # With no `release`, the end of data goes out with the last piece.
         for piece in _stuffed_pieces(content, end=release is None):
-            if not protocol.is_connected:
-                break  # it hung up, perhaps with an answer: read below
-            # Typed as bytes, but handed to the transport, which takes any buffer.
-            protocol.write(piece)  # type: ignore[arg-type]
-            try:
-                # aiosmtplib's flow control: wait while the upstream is not reading.
-                await asyncio.wait_for(protocol._drain_helper(), self.data_timeout)
-            except TimeoutError:
-                raise aiosmtplib.SMTPTimeoutError("upstream stopped reading the message") from None
+            await self._write(piece)
+        if release is None:
+            return await self._end_data(b"", None)
+        return await self._end_data(_end_of_data(content), release)
+
+    async def _end_data(self, end: bytes,
+                        release: Release | None) -> aiosmtplib.SMTPResponse:
+        """The upstream's answer to the end of data: `end` is what is left of
+        it to write, once `release()` (if any) allows."""
+        protocol, self._data_protocol = self._data_protocol, None
+        assert protocol is not None
         if release is None:
             response = await protocol.read_response(timeout=self.data_timeout)
         else:
-            response = await self._end_when_released(protocol, content, release)
+            response = await self._end_when_released(protocol, end, release)
+        self._in_data = False
         if response.code != 250:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
 
-    async def _end_when_released(self, protocol: SMTPProtocol, content: bytes,
+    async def _end_when_released(self, protocol: SMTPProtocol, end: bytes,
                                  release: Release) -> aiosmtplib.SMTPResponse:
         """The upstream's answer to the end of data, sent once `release()` allows.
 
@@ -296,7 +352,7 @@ class SmtpSession:
                 raise _Withdrawn
             # An upstream that hung up in the same moment: its answer is read.
             if protocol.is_connected:
-                protocol.write(_end_of_data(content))
+                protocol.write(end)
             try:
                 return await asyncio.wait_for(answer, self.data_timeout)
             except TimeoutError:
@@ -309,12 +365,16 @@ class SmtpSession:
             answer.cancel()
 
     async def reset(self) -> None:
-        if self._in_transaction and self.usable:
+        if self._in_data:
+            # Cut off before its end of data, the message is not delivered.
+            self.client.close()
+        elif self._in_transaction and self.usable:
             await self._run("RSET", self.client.rset())
-        self._in_transaction = False
+        self._in_transaction = self._in_data = False
+        self._data_protocol = None
 
     async def close(self) -> None:
-        if self.usable:
+        if self.usable and not self._in_data:
             try:
                 await asyncio.wait_for(self.client.quit(), 5)
             except (TimeoutError, aiosmtplib.SMTPException, OSError):
