@@ -228,6 +228,9 @@ class RelayProtocol(SMTP):
             self._writer.close()
             raise
         if refusal is not None:
+            if refusal is BARE_LINE_END:
+                log.warning("refused a message from %s whose line ends could hide an end of "
+                            "data", self.envelope.mail_from)
             if self.session.passed is not None and self.session.upstream is not None:
                 await self.session.upstream.reset()  # what was passed on is not delivered
             await self.push(refusal)
@@ -239,7 +242,8 @@ class RelayProtocol(SMTP):
         await self.push(status)
 
     async def _read_data(self) -> tuple[bytes, str | None]:
-        """The message up to the end of data, and the refusal to answer instead."""
+        """The message up to the end of data, with <CR><LF> line ends
+        (`normalise_line_ends`), and the refusal to answer instead."""
         reader = self._reader
         limit = self.data_size_limit
         # The <CR><LF> that ended the DATA command is put back in front of the
@@ -284,8 +288,17 @@ class RelayProtocol(SMTP):
                 del data[:]
             tail = (tail + piece[-2:])[-2:]
             if ended:
+                # All of it passed on: its lines are known to end in <CR><LF>.
+                crlf_lines = passed == len(data)
                 del data[:2]  # the <CR><LF> put back
-                return bytes(data), refusal
+                message = bytes(data)
+                if refusal is None and not crlf_lines:
+                    normalised = normalise_line_ends(message)
+                    if normalised is None:
+                        message, refusal = b"", BARE_LINE_END
+                    else:
+                        message = normalised
+                return message, refusal
 
     async def _pass_on(self, data: bytearray, passed: int) -> int:
         """Pass the whole lines of `data` after `passed` upstream, before the
@@ -300,10 +313,8 @@ class RelayProtocol(SMTP):
         """
         session = self.session
         assert isinstance(session, RelaySession)
-        cut = data.rfind(b"\r\n", passed) + 2
-        lines = bytes(data[passed:cut])
-        crlf = lines.count(b"\r\n")
-        if not crlf or lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
+        lines = passable_lines(data, passed)
+        if lines is None:
             return -1
         if session.passed is None:
             session.passed = await self.event_handler.begin_passing(session)
@@ -313,7 +324,7 @@ class RelayProtocol(SMTP):
             return -1  # answered at the end of data
         assert isinstance(session.upstream, SmtpSession)
         await session.upstream.send(lines)
-        return cut
+        return passed + len(lines)
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
@@ -639,12 +650,7 @@ class Relay:
         """Judge the message and hand it on; the answer to give. `passed`: the
         upstream's answer to a DATA sent while the message was arriving."""
         sender = envelope.mail_from if envelope.mail_from != "<>" else None
-        raw = normalise_line_ends(envelope.original_content or b"")
-        if raw is None:
-            log.warning("refused a message from %s whose line ends could hide an end of data",
-                        sender)
-            await upstream.reset()
-            return BARE_LINE_END
+        raw = envelope.original_content or b""
         # The message goes out to the upstream while it is read, judged and
         # its copy stored; only its end of data waits for those.
         answered = asyncio.Event()
@@ -839,6 +845,17 @@ def _line_lengths(unfinished: int, piece: bytes, end: int) -> tuple[int, bool]:
             if piece.find(b"\n", block, last + 1) - start - 1 > MAX_LINE:
                 return rest, True
     return rest, False
+
+
+def passable_lines(data: bytearray, passed: int) -> bytes | None:
+    """The whole lines of `data` after `passed`, if they may go upstream before
+    the rest arrives: each ended by <CR><LF>, with no other CR or LF."""
+    with memoryview(data) as view:  # one copy, not two
+        lines = bytes(view[passed:data.rfind(b"\r\n", passed) + 2])
+    crlf = lines.count(b"\r\n")
+    if not crlf or lines.count(b"\r") != crlf or lines.count(b"\n") != crlf:
+        return None
+    return lines
 
 
 def _unstuffed(piece: bytes, end: int, tail: bytes) -> bytes | memoryview:
