@@ -313,17 +313,19 @@ class RelayProtocol(SMTP):
         """
         session = self.session
         assert isinstance(session, RelaySession)
+        upstream = session.upstream
         lines = passable_lines(data, passed)
-        if lines is None:
+        # Only an SMTP upstream has a transfer to make at the same time; a
+        # Maildir takes the message whole.
+        if lines is None or not isinstance(upstream, SmtpSession):
             return -1
         if session.passed is None:
-            session.passed = await self.event_handler.begin_passing(session)
-            if session.passed is None:
+            if not upstream.in_transaction:
                 return -1
+            session.passed = await upstream.begin_data()
         if session.passed.code != 354:
             return -1  # answered at the end of data
-        assert isinstance(session.upstream, SmtpSession)
-        await session.upstream.send(lines)
+        await upstream.send(lines)
         return passed + len(lines)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -601,15 +603,6 @@ class Relay:
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
         return str(reply)
-
-    async def begin_passing(self, session: RelaySession) -> Reply | None:
-        """Send the upstream DATA while the client's data is still arriving, so
-        that a large message goes on as it comes instead of after it: the
-        upstream's answer, or None when this upstream takes a message whole."""
-        upstream = session.upstream
-        if not isinstance(upstream, SmtpSession) or not upstream.in_transaction:
-            return None
-        return await upstream.begin_data()
 
     async def handle_DATA(self, server: SMTP, session: RelaySession, envelope: Envelope) -> str:
         upstream = session.upstream
