@@ -16,6 +16,7 @@ import types
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
+from atsmail.gateway import relay as relay_module
 from atsmail.gateway.relay import (
     BARE_LINE_END,
     MAX_LINE,
@@ -23,6 +24,7 @@ from atsmail.gateway.relay import (
     _line_lengths,
     _unstuffed,
     normalise_line_ends,
+    passable_lines,
 )
 from atsmail.gateway.server import Gateway
 from atsmail.gateway.upstream import DATA_PIECE, _end_of_data, _stuffed_pieces
@@ -122,6 +124,43 @@ async def test_the_data_read_ends_where_aiosmtpd_would_end_it_however_it_arrives
         assert await asyncio.wait_for(read, 10) == expected, stream
         await feeding
         assert reader._buffer == stream[end + 3:], stream  # type: ignore[attr-defined]
+
+
+async def test_what_goes_upstream_as_it_arrives_is_whole_crlf_lines_the_message_begins_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lines passed on every few bytes (not every 64 KB), by the relay's own
+    # choice of lines; mostly <CR><LF> lines, with now and then a bare CR or
+    # LF, a dot or an end of data in them.
+    monkeypatch.setattr(relay_module, "PASS_EVERY", 8)
+    rng = random.Random(17)
+    for _ in range(3000):
+        stream = b"".join(rng.choices([b"\r\n", b"a", b".", b"\n", b"\r"], [30, 40, 20, 2, 2],
+                                      k=rng.randrange(120))) + b"\r\n.\r\nNOOP"
+        whole = b"\r\n" + stream
+        end = whole.find(b"\r\n.\r\n")
+        read = whole[:end + 2].replace(b"\r\n.", b"\r\n")[2:]
+        normalised = normalise_line_ends(read)
+        expected = (b"", BARE_LINE_END) if normalised is None else (normalised, None)
+        reader = asyncio.StreamReader(limit=rng.choice([8, 1001]))
+        cuts = sorted(rng.sample(range(1, len(stream)), min(6, len(stream) - 1)))
+        for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            reader.feed_data(stream[start:stop])
+        went: list[bytes] = []
+
+        async def pass_on(data: bytearray, passed: int, went: list[bytes] = went) -> int:
+            lines = passable_lines(data, passed)
+            if lines is None:
+                return -1
+            went.append(lines)
+            return passed + len(lines)
+
+        protocol = types.SimpleNamespace(_reader=reader, data_size_limit=0, _pass_on=pass_on)
+        assert await RelayProtocol._read_data(protocol) == expected, stream  # type: ignore[arg-type]
+        # Nothing passed on can end the data, or be read otherwise, upstream.
+        for lines in went:
+            assert lines.endswith(b"\r\n"), stream
+            assert lines.count(b"\r") == lines.count(b"\n") == lines.count(b"\r\n"), stream
+        assert read.startswith(b"".join(went)), stream
 
 
 @pytest.mark.parametrize("piece_size", [1, 7, 4096, 1 << 20])
