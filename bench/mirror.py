@@ -96,7 +96,7 @@ from atsmail.config import (  # noqa: E402
     StorageConfig,
     Upstream,
 )
-from atsmail.gateway.mirror import BATCH, HEADERS  # noqa: E402
+from atsmail.gateway.mirror import BATCH, HEADERS, START  # noqa: E402
 from atsmail.gateway.server import Gateway  # noqa: E402
 from atsmail.secrets import Secrets, create_key_file  # noqa: E402
 from atsmail.storage import Store  # noqa: E402
@@ -490,10 +490,13 @@ class Breakdown:
         from atsmail.storage.lookup import load_directory
 
         def fetch_key(session: Any, uids: Sequence[int], part: str) -> str:
-            return ("IMAP UID FETCH headers (per batch)" if part == HEADERS
-                    else "IMAP UID FETCH whole messages (per batch with candidates)")
+            if part == HEADERS:
+                return "IMAP UID FETCH headers (per batch)"
+            if part == START:
+                return "IMAP UID FETCH starts (per batch with mail among colleagues)"
+            return "IMAP UID FETCH whole messages (per batch with candidates)"
 
-        def run_key(db: Any, work: Any, write: bool) -> str:
+        def run_key(db: Any, work: Any, write: bool, **options: Any) -> str:
             if work is load_directory:
                 return "store: load_directory (per pass)"
             if "_context" in getattr(work, "__qualname__", ""):
@@ -514,8 +517,9 @@ class Breakdown:
         for name in ("prepare", "confirm"):
             self.wrap_async(CaptureWriter, name,
                             lambda *a, **k: "capture: prepare + confirm (per candidate)")
-        self.wrap_sync(mirror, "never_captured", "rules: prefilter (raw header bytes)")
+        self.wrap_sync(mirror, "passed_over", "rules: prefilter (raw header bytes)")
         self.wrap_sync(mirror, "read_message", "rules: read_message (parse headers)")
+        self.wrap_sync(mirror, "might_forward", "rules: signs of a forward (starts)")
         self.wrap_sync(mirror, "decide", "rules: decide")
 
     def print(self, total: float) -> None:

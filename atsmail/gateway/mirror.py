@@ -31,7 +31,8 @@ from atsmail.config import Config
 from atsmail.gateway.credentials import Credentials, CredentialsError, CredentialsRefusedError
 from atsmail.gateway.imap import ImapAuthError, ImapError, ImapSession, imap_date
 from atsmail.rules import Context, MessageFacts, decide, read_message
-from atsmail.rules.prefilter import never_captured
+from atsmail.rules.message import might_forward
+from atsmail.rules.prefilter import passed_over
 from atsmail.secrets import SecretError
 from atsmail.storage import Capture, Store, lookup
 from atsmail.storage.lookup import Directory, load_directory
@@ -46,7 +47,12 @@ HEADER_FIELDS = ("FROM SENDER REPLY-TO TO CC SUBJECT DATE MESSAGE-ID IN-REPLY-TO
                  "LIST-ID LIST-UNSUBSCRIBE PRECEDENCE CONTENT-TYPE")
 HEADERS = f"BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})]"
 WHOLE = "BODY.PEEK[]"
+# The start of a message a forward may hide in, under a subject of its own:
+# its header and the first of its text, where a forward's marker stands.
+START = "BODY.PEEK[]<0.65536>"
 BATCH = 200
+# Starts fetched in one command: at most 64 KB each.
+START_BATCH = 200
 # Captured messages fetched whole in one command: they may carry CVs of
 # megabytes each, so a response stays bounded.
 WHOLE_BATCH = 20
@@ -248,26 +254,58 @@ class Watcher:
         propagates, so the checkpoint stays before the batch and it is tried
         again.
         """
+        capture = self.mirror.config.capture
         quick = Context(internal_domains=directory.domains, team=directory.team,
-                        capture_forwards=self.mirror.config.capture.capture_forwards,
-                        folder_role=folder.role)
+                        capture_forwards=capture.capture_forwards, folder_role=folder.role)
+        # A forward under a subject of its own shows only in its body: mail
+        # among colleagues is looked at for one when the forward rules could
+        # capture it. (Mail with someone outside is not: most of it is
+        # business mail, and its body is not looked at for a forward.)
+        forwards_count = capture.capture_forwards or bool(capture.ats_inbox)
         # Bulk mail and mail no team member takes part in need no look-up;
         # the plainest of it needs no parsing either.
-        open_ = [(uid, facts) for uid, facts in
-                 ((uid, self._read(data, folder, uid, quick))
-                  for uid, data in sorted(headers.items()))
-                 if facts is not None and not decide(facts, quick, stop_at_veto=True).vetoed]
-        if not open_:
-            return []
-        context = await self._context(folder, directory, [f for _, f in open_])
-        # Forwards may show only in the body: those are read whole too.
-        wanted = [uid for uid, facts in open_
-                  if decide(facts, context).capture or facts.forward.subject_prefix]
+        open_: list[tuple[int, MessageFacts]] = []
+        unclear: list[int] = []
+        for uid, data in sorted(headers.items()):
+            passed_over = self._passed_over(data, folder, uid, quick)
+            if passed_over == "internal" and forwards_count:
+                unclear.append(uid)
+            elif passed_over is None and (facts := self._read(data, folder, uid)) is not None:
+                if not decide(facts, quick, stop_at_veto=True).vetoed:
+                    open_.append((uid, facts))
+        wanted: list[int] = []
+        if open_:
+            context = await self._context(folder, directory, [f for _, f in open_])
+            for uid, facts in open_:
+                # A Fwd-style subject: the forward is read from the whole.
+                if decide(facts, context).capture or facts.forward.subject_prefix:
+                    wanted.append(uid)
+                elif forwards_count and all(map(quick.is_internal, facts.participants)):
+                    unclear.append(uid)
+        for start in range(0, len(unclear), START_BATCH):
+            wanted += await self._forwarding(imap, folder, directory,
+                                             sorted(unclear[start:start + START_BATCH]))
+        wanted.sort()
         captures: list[Capture] = []
         for start in range(0, len(wanted), WHOLE_BATCH):
             captures += await self._judge_whole(imap, folder, directory,
                                                 wanted[start:start + WHOLE_BATCH])
         return captures
+
+    async def _forwarding(self, imap: ImapSession, folder: FolderState, directory: Directory,
+                          uids: list[int]) -> list[int]:
+        """Those of `uids` that the rules capture as forwards, judged on the
+        start of each: a forward's marker and its original's header come
+        before any attachment. Only a start with signs of a forward is read."""
+        read = [(uid, facts) for uid, facts in
+                ((uid, self._read(start, folder, uid))
+                 for uid, start in sorted((await imap.fetch(uids, START)).items())
+                 if might_forward("", start))
+                if facts is not None]
+        if not read:
+            return []
+        context = await self._context(folder, directory, [f for _, f in read])
+        return [uid for uid, facts in read if decide(facts, context).capture]
 
     async def _judge_whole(self, imap: ImapSession, folder: FolderState, directory: Directory,
                            uids: list[int]) -> list[Capture]:
@@ -304,13 +342,20 @@ class Watcher:
             since = datetime.now(UTC) - timedelta(days=settings.backfill_imap_days)
         return await imap.search(f"SINCE {imap_date(since.date())}")
 
-    def _read(self, data: bytes, folder: FolderState, uid: int,
-              directory: Context | None = None) -> MessageFacts | None:
-        """The message's facts; None when it cannot be read, or when `directory`
-        (internal domains and team) shows that the rules can never capture it."""
+    def _passed_over(self, data: bytes, folder: FolderState, uid: int,
+                     directory: Context) -> str | None:
+        """Why the rules can never capture the message whose header is `data`
+        (`passed_over`), or None: it must be judged."""
         try:
-            if directory is not None and never_captured(data, directory):
-                return None
+            return passed_over(data, directory)
+        except Exception:
+            log.exception("mailbox %s folder %s UID %d: unreadable, skipped",
+                          self.box.address, folder.name, uid)
+            return "unreadable"
+
+    def _read(self, data: bytes, folder: FolderState, uid: int) -> MessageFacts | None:
+        """The message's facts; None when it cannot be read."""
+        try:
             return read_message(data)
         except Exception:
             log.exception("mailbox %s folder %s UID %d: unreadable, skipped",

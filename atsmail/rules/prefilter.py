@@ -43,9 +43,17 @@ def never_captured(raw: bytes, ctx: Context) -> bool:
     `ctx` needs just the internal domains and the team. False means nothing
     either way: the message must be judged by the rules.
     """
+    return passed_over(raw, ctx) is not None
+
+
+def passed_over(raw: bytes, ctx: Context) -> str | None:
+    """Why the rules would capture this message in no store (`never_captured`):
+    "bulk", or "internal" for mail among internal addresses with no sign of a
+    forward in `raw`, which a forward's body can still change when `raw` is
+    only the header. None: it must be judged."""
     fields = _plain_fields(header_block(raw))
     if fields is None:
-        return False
+        return None
     noted: list[str] = []  # defects are the rules' business, not this look's
 
     def first(name: str) -> str:
@@ -55,15 +63,17 @@ def never_captured(raw: bytes, ctx: Context) -> bool:
     # The bulk rule's veto, read from the same first values it reads.
     if first("list-id") or first("list-unsubscribe") or (
             first("precedence").lower() in BULK_PRECEDENCE):
-        return True
+        return "bulk"
     # A forward may name a candidate in its body: those are judged.
     if might_forward(first("subject"), raw):
-        return False
+        return None
     # Without an outside participant, no rule but the forward ones can
     # capture: thread links and candidate matches need one.
-    return all(ctx.is_internal(address)
-               for name in _PARTICIPANT_FIELDS
-               for address in header_addresses(name, fields.get(name, []), noted))
+    if all(ctx.is_internal(address)
+           for name in _PARTICIPANT_FIELDS
+           for address in header_addresses(name, fields.get(name, []), noted)):
+        return "internal"
+    return None
 
 
 def _plain_fields(header: bytes) -> dict[str, list[str]] | None:

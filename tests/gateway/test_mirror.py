@@ -8,6 +8,8 @@ would, and waits (bounded) for what the store then holds.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +30,7 @@ from atsmail.storage.mailboxes import Account, Mailboxes
 from atsmail.storage.models import Mailbox, utcnow
 from tests.conftest import GatewayFactory, Sink, eventually, make_mail, smtp_send
 from tests.dovecot import Dovecot
+from tests.gateway.test_hostile_input import captured, crlf
 from tests.oauth import TokenService
 
 ADA = "ada@applicant.test"
@@ -134,6 +137,42 @@ async def test_a_message_the_relay_captured_is_stored_once_and_gains_the_source(
 
     await eventually(both)
     assert [t.message_count for t in await team.threads("C-1")] == [1]
+
+
+def inline_forward(sender: str, to: str, subject: str, comment: str,
+                   original: str = f"Ada Applicant <{ADA}>") -> bytes:
+    """A colleague's mail that forwards `original`'s inline, under a subject of its own."""
+    return make_mail(sender, to, subject,
+                     f"{comment}\n\n---------- Forwarded message ---------\n"
+                     f"From: {original}\nDate: Fri, 27 Nov 2026\n"
+                     "Subject: My application\nTo: <recruiter@example.com>\n\n"
+                     "I would like to apply.\n")
+
+
+async def test_a_forward_under_a_subject_of_its_own_is_found_in_its_body(
+        mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot) -> None:
+    # Mail among colleagues never passes the relay when the company's own
+    # server delivers it: the mirror alone sees it.
+    alice, password, _ = mirrored
+    with_cv = inline_forward("recruiter@example.com", alice, "And her CV",
+                             "Her CV is attached.")
+    message = email.message_from_bytes(with_cv, policy=email.policy.default)
+    message.add_attachment(b"%PDF-1.4 " + bytes(range(256)) * 4096, maintype="application",
+                           subtype="pdf", filename="cv.pdf")  # 1 MB, after the text
+    with_cv = message.as_bytes()
+    for raw in (make_mail("recruiter@example.com", alice, "Lunch on Friday?", "At noon?\n"),
+                inline_forward("recruiter@example.com", alice, "Your thoughts on this one?",
+                               "She looks good for the backend role."),
+                inline_forward("recruiter@example.com", alice, "Not one of ours",
+                               "A friend's son.", original="Bob <bob@else.test>"),
+                with_cv):
+        await asyncio.to_thread(dovecot.deliver, alice, password, raw)
+    await eventually(lambda: _threads(team, "C-1", 2))
+    await asyncio.sleep(0.5)
+    assert sorted(t.subject for t in await team.threads()) == [
+        "And her CV", "Your thoughts on this one?"]
+    # Stored whole, though only the start was read to find the forward.
+    assert crlf(with_cv) in [crlf(raw) for raw in await captured(team)]
 
 
 async def test_uidvalidity_change_rereads_without_duplicates(

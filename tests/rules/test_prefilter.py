@@ -20,7 +20,7 @@ from email.policy import compat32
 import pytest
 
 from atsmail.rules import CandidateInfo, Context, KnownMessage, decide, read_message
-from atsmail.rules.prefilter import _plain_fields, never_captured
+from atsmail.rules.prefilter import _plain_fields, never_captured, passed_over
 
 DOMAINS = frozenset({"example.com"})
 # A team member with an outside address counts as internal too.
@@ -149,6 +149,25 @@ JUDGED = [
 @pytest.mark.parametrize(("name", "raw"), PASSED_OVER, ids=[n for n, _ in PASSED_OVER])
 def test_mail_the_rules_can_never_capture_is_passed_over(name: str, raw: bytes) -> None:
     assert assert_sound(raw)
+
+
+# An inline forward of a candidate's mail, under a subject of its own.
+FORWARD_BODY = (b"Have a look.\r\n\r\n---------- Forwarded message ---------\r\n"
+                b"From: Ada <ada@applicant.test>\r\nSubject: CV\r\n\r\nMy CV.\r\n")
+
+
+@pytest.mark.parametrize(("name", "raw"), PASSED_OVER, ids=[n for n, _ in PASSED_OVER])
+def test_why_mail_is_passed_over_says_whether_its_body_could_matter(name: str,
+                                                                    raw: bytes) -> None:
+    # The mirror has a header only: bulk mail stays passed over whatever its
+    # body says; mail among colleagues is looked at again for a forward.
+    reason = passed_over(raw, DIRECTORY)
+    assert reason in ("bulk", "internal")
+    with_forward = raw + FORWARD_BODY
+    captured = decide(read_message(with_forward), worst_case(with_forward, None)).capture
+    assert not captured if reason == "bulk" else passed_over(with_forward, DIRECTORY) is None
+    if name == "colleagues":
+        assert reason == "internal" and captured
 
 
 @pytest.mark.parametrize(("name", "raw"), JUDGED, ids=[n for n, _ in JUDGED])
