@@ -19,6 +19,7 @@ from atsmail.gateway.server import Gateway
 from atsmail.storage import Store
 from atsmail.storage.mailboxes import Mailboxes
 from tests.conftest import GatewayFactory, Sink, make_mail
+from tests.gateway.test_data_reader import stuffed
 from tests.gateway.test_data_release import Tap, tap, until
 from tests.gateway.test_hostile_input import (
     ADA,
@@ -51,11 +52,6 @@ def split(raw: bytes) -> tuple[bytes, bytes]:
     return raw[:cut], raw[cut:]
 
 
-def stuffed(lines: bytes) -> bytes:
-    """Whole lines as a client sends them: a dot that starts one is doubled."""
-    return (b"." if lines.startswith(b".") else b"") + lines.replace(b"\r\n.", b"\r\n..")
-
-
 async def upstream_tapped(gateway_factory: GatewayFactory, tap: Tap, **relay: object) -> Gateway:
     return await gateway_factory(upstream=Upstream("smtp", "127.0.0.1", tap.port), **relay)
 
@@ -65,7 +61,7 @@ async def send_first_part(port: int, tap: Tap, raw: bytes, source: str | None = 
     """A session whose message's first part has been sent, and has gone upstream."""
     wire = await Wire.open(port, source)
     await wire.transaction(sender, [rcpt])
-    wire.writer.write(stuffed(split(raw)[0]))
+    wire.writer.write(stuffed(split(raw)[0], end=False))
     await wire.writer.drain()
     await passing_began(tap, raw)
     return wire
@@ -73,7 +69,7 @@ async def send_first_part(port: int, tap: Tap, raw: bytes, source: str | None = 
 
 async def passing_began(tap: Tap, raw: bytes) -> None:
     """Wait until the message's first PASS_EVERY bytes (bar a line) are upstream."""
-    await until(lambda: stuffed(raw[:PASS_EVERY - 1000]) in tap.upstream_bytes)
+    await until(lambda: stuffed(raw[:PASS_EVERY - 1000], end=False) in tap.upstream_bytes)
 
 
 async def test_a_large_message_goes_upstream_as_it_arrives_and_ends_after(
@@ -83,7 +79,7 @@ async def test_a_large_message_goes_upstream_as_it_arrives_and_ends_after(
     wire = await send_first_part(gateway.relay.port, tap, raw)
     # No end of data before the client sent its own.
     assert b"\r\n.\r\n" not in tap.upstream_bytes and sink.messages == []
-    assert code(await wire.send(stuffed(split(raw)[1]) + b".\r\n")) == 250
+    assert code(await wire.send(stuffed(split(raw)[1]))) == 250
     assert [m.content for m in sink.messages] == [raw]
     assert await captured(team) == [raw]
     assert tap.upstream_bytes.count(b"\r\n.\r\n") == 1
@@ -134,7 +130,7 @@ async def test_a_forged_sender_seen_only_at_the_end_leaves_nothing_upstream(
     raw = candidate_mail(sender=RECRUITER, to=HOSTED)
     wire = await send_first_part(gateway.relay.port, tap, raw, source=OUTSIDER,
                                  sender=ADA, rcpt=HOSTED)
-    reply = await wire.send(stuffed(split(raw)[1]) + b".\r\n")
+    reply = await wire.send(stuffed(split(raw)[1]))
     assert reply.startswith(b"550 5.7.1") and RECRUITER.encode() in reply
     assert sink.messages == [] and await captured(team) == []
     # A candidate's own mail still arrives, in the same session and a new one.
@@ -171,13 +167,13 @@ async def test_the_upstream_refusing_the_data_is_answered_after_the_client_sent_
     first, rest = split(raw)
     if upstream == "refuses":
         tap.refuse_data = answer + b"\r\n"
-        wire.writer.write(stuffed(first))
+        wire.writer.write(stuffed(first, end=False))
         await until(lambda: tap.refused == 1)
     else:
-        wire.writer.write(stuffed(first))
+        wire.writer.write(stuffed(first, end=False))
         await passing_began(tap, raw)
         tap.hang_up(answer + b"\r\n")
-    assert await wire.send(stuffed(rest) + b".\r\n") == answer
+    assert await wire.send(stuffed(rest)) == answer
     assert sink.messages == [] and await captured(team) == []
     tap.refuse_data = None
     await still_serving(gateway.relay.port, sink, team, wire)

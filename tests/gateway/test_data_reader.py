@@ -41,10 +41,11 @@ from tests.gateway.test_hostile_input import (
 )
 
 
-def stuffed(raw: bytes) -> bytes:
-    """`raw` as a client sends it after DATA: dots doubled, the end marker added."""
-    return b"." + raw[1:].replace(b"\r\n.", b"\r\n..") if raw.startswith(b".") else (
-        raw.replace(b"\r\n.", b"\r\n..")) + b".\r\n"
+def stuffed(raw: bytes, end: bool = True) -> bytes:
+    """`raw` as a client sends it after DATA: a dot that starts a line doubled,
+    and with `end` the end marker added."""
+    lines = (b"." if raw.startswith(b".") else b"") + raw.replace(b"\r\n.", b"\r\n..")
+    return lines + b".\r\n" if end else lines
 
 
 def dotted(lines: int = 40_000) -> bytes:
