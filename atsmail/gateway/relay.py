@@ -651,7 +651,8 @@ class Relay:
                                           answered))
         # One turn of the loop first: a message refused on its headers alone
         # (a forged sender) is refused before any of it goes upstream, which
-        # keeps the upstream connection.
+        # keeps the upstream connection (unless it was `passed` on as it
+        # arrived: then the reset closes the connection, ending its DATA).
         await asyncio.sleep(0)
         if judging.done() and isinstance(refusal := judging.result(), str):
             await upstream.reset()

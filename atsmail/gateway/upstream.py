@@ -220,6 +220,10 @@ class SmtpSession:
         return reply
 
     async def rcpt(self, recipient: str) -> Reply:
+        if self._in_data:
+            # A DATA still open takes nothing else; only closing ends it.
+            await self.reset()
+            return LOST
         if not recipient.isascii() and self._encoding != "utf-8":
             return NO_SMTPUTF8
         if not _passed_as_written(recipient):
@@ -257,12 +261,21 @@ class SmtpSession:
             return WITHDRAWN
 
     async def _begin_data(self) -> aiosmtplib.SMTPResponse:
+        if self._in_data:
+            self.client.close()
+            raise aiosmtplib.SMTPServerDisconnected("a DATA from before was still open")
         # In data from the command on: a connection dropped while it is
         # answered is closed, not sent a QUIT the upstream would read as data.
         self._in_data = True
         start = await self.client.execute_command(b"DATA", timeout=self.data_timeout)
         if start.code != 354:
             self._in_data = False
+            if start.code < 400:
+                # Neither data to come nor a refusal: passed on, a 250 would
+                # be taken for a delivery.
+                self.client.close()
+                raise aiosmtplib.SMTPServerDisconnected(
+                    f"the upstream answered DATA with {start.code}")
             # The transaction may still be open upstream: the next reset() ends it.
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         self._in_transaction = False
@@ -273,10 +286,15 @@ class SmtpSession:
         protocol._response_pending = True
         return start
 
-    async def _write(self, piece: bytes | memoryview) -> None:
+    async def _write(self, piece: bytes | memoryview) -> bool:
+        """Write a piece of the message; False, writing nothing, once the
+        upstream has answered or hung up: its answer is read at the end, and
+        a server that took its answer for the end of the data would read
+        what follows as commands."""
         protocol = self._data_protocol
-        if protocol is None or not protocol.is_connected:
-            return  # it hung up, perhaps with an answer: read at the end
+        answer = protocol._response_waiter if protocol is not None else None
+        if protocol is None or answer is None or answer.done() or not protocol.is_connected:
+            return False
         try:
             # Typed as bytes, but handed to the transport, which takes any buffer.
             protocol.write(piece)  # type: ignore[arg-type]
@@ -285,7 +303,8 @@ class SmtpSession:
         except TimeoutError:
             raise aiosmtplib.SMTPTimeoutError("upstream stopped reading the message") from None
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
-            pass  # it is hanging up: as above
+            return False  # it is hanging up: as above
+        return True
 
     async def _send_data(self, content: bytes,
                          release: Release | None) -> aiosmtplib.SMTPResponse:
@@ -298,20 +317,25 @@ class SmtpSession:
         """
         await self._begin_data()
         # With no `release`, the end of data goes out with the last piece.
-        for piece in _stuffed_pieces(content, end=release is None):
-            await self._write(piece)
+        written = all([await self._write(piece)
+                       for piece in _stuffed_pieces(content, end=release is None)])
         if release is None:
-            return await self._end_data(b"", None)
+            return await self._end_data(b"", None, early=not written)
         return await self._end_data(_end_of_data(content), release)
 
-    async def _end_data(self, end: bytes,
-                        release: Release | None) -> aiosmtplib.SMTPResponse:
+    async def _end_data(self, end: bytes, release: Release | None,
+                        early: bool = False) -> aiosmtplib.SMTPResponse:
         """The upstream's answer to the end of data: `end` is what is left of
-        it to write, once `release()` (if any) allows."""
+        it to write, once `release()` (if any) allows. `early`: the upstream
+        answered before all of the data and its end went out."""
         protocol, self._data_protocol = self._data_protocol, None
         assert protocol is not None
         if release is None:
             response = await protocol.read_response(timeout=self.data_timeout)
+            if early and response.code < 400:
+                self.client.close()
+                raise aiosmtplib.SMTPServerDisconnected(
+                    f"the upstream answered {response.code} before the end of data")
         else:
             response = await self._end_when_released(protocol, end, release)
         self._in_data = False

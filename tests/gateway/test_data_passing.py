@@ -11,6 +11,8 @@ byte sent upstream.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from atsmail.config import Upstream
@@ -176,5 +178,26 @@ async def test_the_upstream_refusing_the_data_is_answered_after_the_client_sent_
     assert await wire.send(stuffed(rest)) == answer
     assert sink.messages == [] and await captured(team) == []
     tap.refuse_data = None
+    await still_serving(gateway.relay.port, sink, team, wire)
+    await wire.close()
+
+
+async def test_nothing_more_is_passed_on_once_the_upstream_has_answered(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap) -> None:
+    # An upstream that refuses before the end of data but goes on reading:
+    # a server that took its answer for the end of the data would read the
+    # rest as commands.
+    gateway = await upstream_tapped(gateway_factory, tap)
+    raw = candidate_mail()
+    wire = await send_first_part(gateway.relay.port, tap, raw)
+    tap.say(b"552 5.3.4 sink.test Error: message too big\r\n")
+    await asyncio.sleep(0.3)
+    before = len(tap.upstream_bytes)
+    rest = split(raw)[1]
+    assert len(rest) > 2 * PASS_EVERY
+    assert await wire.send(stuffed(rest)) == b"552 5.3.4 sink.test Error: message too big"
+    assert len(tap.upstream_bytes) - before < PASS_EVERY
+    assert b"\r\n.\r\n" not in tap.upstream_bytes
+    assert sink.messages == [] and await captured(team) == []
     await still_serving(gateway.relay.port, sink, team, wire)
     await wire.close()

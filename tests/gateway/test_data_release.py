@@ -45,10 +45,15 @@ class Tap:
     def hang_up(self, answer: bytes) -> None:
         """Answer the relay in the upstream's stead and close every connection,
         as an upstream that gives up waiting does."""
+        self.say(answer)
+        for writer in self._ends:
+            writer.close()
+
+    def say(self, answer: bytes) -> None:
+        """Answer the relay in the upstream's stead, and go on reading."""
         for writer in self._ends:
             if writer.get_extra_info("peername")[1] != self.target:
                 writer.write(answer)
-            writer.close()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
