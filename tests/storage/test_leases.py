@@ -91,9 +91,10 @@ async def test_mirrors_taking_at_once_never_hold_one_mailbox_together(
 async def test_the_mailboxes_of_a_mirror_that_stopped_renewing_move_to_a_survivor(
         team: Store, other: Store, boxes: list[str]) -> None:
     a, b = Mailboxes(team.db), Mailboxes(other.db)
-    await a.hold("a", 0.3)
+    # Long enough that a loaded machine takes the second look within it.
+    await a.hold("a", 1.5)
     assert (await b.hold("b", TTL)).held == []
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.6)
     assert (await b.hold("b", TTL)).held == boxes
     # The first one, back from a long pause, finds its leases gone.
     assert (await a.hold("a", TTL)).held == []
