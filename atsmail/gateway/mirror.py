@@ -51,8 +51,6 @@ WHOLE = "BODY.PEEK[]"
 # its header and the first of its text, where a forward's marker stands.
 START = "BODY.PEEK[]<0.65536>"
 BATCH = 200
-# Starts fetched in one command: at most 64 KB each.
-START_BATCH = 200
 # Captured messages fetched whole in one command: they may carry CVs of
 # megabytes each, so a response stays bounded.
 WHOLE_BATCH = 20
@@ -267,10 +265,10 @@ class Watcher:
         open_: list[tuple[int, MessageFacts]] = []
         unclear: list[int] = []
         for uid, data in sorted(headers.items()):
-            passed_over = self._passed_over(data, folder, uid, quick)
-            if passed_over == "internal" and forwards_count:
+            why = self._passed_over(data, folder, uid, quick)
+            if why == "internal" and forwards_count:
                 unclear.append(uid)
-            elif passed_over is None and (facts := self._read(data, folder, uid)) is not None:
+            elif why is None and (facts := self._read(data, folder, uid)) is not None:
                 if not decide(facts, quick, stop_at_veto=True).vetoed:
                     open_.append((uid, facts))
         wanted: list[int] = []
@@ -282,9 +280,8 @@ class Watcher:
                     wanted.append(uid)
                 elif forwards_count and all(map(quick.is_internal, facts.participants)):
                     unclear.append(uid)
-        for start in range(0, len(unclear), START_BATCH):
-            wanted += await self._forwarding(imap, folder, directory,
-                                             sorted(unclear[start:start + START_BATCH]))
+        # At most a batch of starts (BATCH), 64 KB each, in one command.
+        wanted += await self._forwarding(imap, folder, directory, sorted(unclear))
         wanted.sort()
         captures: list[Capture] = []
         for start in range(0, len(wanted), WHOLE_BATCH):

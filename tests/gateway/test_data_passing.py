@@ -201,3 +201,21 @@ async def test_nothing_more_is_passed_on_once_the_upstream_has_answered(
     assert sink.messages == [] and await captured(team) == []
     await still_serving(gateway.relay.port, sink, team, wire)
     await wire.close()
+
+
+async def test_an_upstream_that_answers_data_with_250_is_not_taken_for_a_delivery(
+        gateway_factory: GatewayFactory, team: Store, sink: Sink, tap: Tap) -> None:
+    gateway = await upstream_tapped(gateway_factory, tap)
+    raw = candidate_mail()
+    wire = await Wire.open(gateway.relay.port)
+    await wire.transaction(RECRUITER, [ADA])
+    tap.refuse_data = b"250 2.0.0 Ok\r\n"
+    first, rest = split(raw)
+    wire.writer.write(stuffed(first, end=False))
+    await until(lambda: tap.refused == 1)
+    reply = await wire.send(stuffed(rest))
+    assert reply.startswith(b"451 4.4.2")
+    assert sink.messages == [] and await captured(team) == []
+    tap.refuse_data = None
+    await still_serving(gateway.relay.port, sink, team, wire)
+    await wire.close()
