@@ -15,6 +15,7 @@ later is sent only what had not been fanned out yet, never the whole past.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +89,12 @@ class Due:
                 "created_at": self.created_at.isoformat(), "data": self.data}
 
 
+def _lock_key(url: str) -> int:
+    """The PostgreSQL advisory lock that claims to `url` take in turn."""
+    digest = hashlib.blake2b(f"webhook {url}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def retry_delay(attempts: int) -> float:
     return backoff(attempts, FIRST_RETRY, LAST_RETRY)
 
@@ -139,6 +146,12 @@ class WebhookQueue:
                               WebhookDelivery.leased_until > now))
                    .scalar_subquery())
         async with self.db.write() as session:
+            if not self.db.is_sqlite:
+                # Claims to one URL take turns (SQLite's writers always do):
+                # a claim that began while another gateway's was not yet
+                # committed would not see its leases, and would take and send
+                # the deliveries after them first.
+                await session.execute(select(func.pg_advisory_xact_lock(_lock_key(url))))
             rows = list(await session.execute(
                 select(WebhookDelivery, WebhookEvent)
                 .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_pk)

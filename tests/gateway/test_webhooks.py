@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
+from sqlalchemy.util import await_only
 
 from atsmail.config import ConfigError, WebhookConfig, load_config
 from atsmail.gateway.server import Gateway
@@ -386,12 +387,56 @@ async def test_two_gateways_on_one_store_deliver_each_event_once_to_each_url(
     finally:
         await second.close()
         await other.stop()
-    # Each event once per URL. (Two gateways claiming at the same instant may
-    # interleave their batches, so the order is not asserted here.)
+    # Each event once per URL, in order: the gateways' claims take turns.
     for r in (receiver, other):
-        assert sorted(e["data"]["address"] for e in r.delivered) == sorted(
-            f"x{i}@corp{i}.test" for i in range(12))
+        assert [e["data"]["address"] for e in r.delivered] == [
+            f"x{i}@corp{i}.test" for i in range(12)]
         assert len(r.requests) == 12
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+async def test_a_claim_waits_for_another_gateways_claim_to_the_same_url(
+        team: Store, store_url: str) -> None:
+    """Order per URL holds between gateways: while one gateway's claim of the
+    oldest deliveries is not yet committed, another's claim must not take the
+    next ones past them and send them first."""
+    url = "https://ats.test/h"
+    async with team.db.write() as session:
+        await session.execute(insert(WebhookEvent), [
+            event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": n}) for n in range(6)])
+    first_claimed, second_claimed = asyncio.Event(), asyncio.Event()
+
+    def claims(statement: str) -> bool:
+        return "FOR UPDATE OF webhook_deliveries" in statement
+
+    # The first gateway has read and locked its deliveries, and waits,
+    # uncommitted, for the second's claim to be read (or for two seconds,
+    # should the second's claim be waiting for the first's).
+    @event.listens_for(team.db.writer.sync_engine, "after_cursor_execute")
+    def first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if claims(statement) and not first_claimed.is_set():
+            first_claimed.set()
+            with contextlib.suppress(TimeoutError):
+                await_only(asyncio.wait_for(second_claimed.wait(), 2))
+
+    second = Store.open(store_url)
+
+    @event.listens_for(second.db.writer.sync_engine, "after_cursor_execute")
+    def then(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if claims(statement):
+            second_claimed.set()
+
+    try:
+        queue, other = WebhookQueue(team.db), WebhookQueue(second.db)
+        assert await queue.fan_out([url]) == 6
+        claiming = asyncio.create_task(queue.claim(url, lease=60, limit=3))
+        await first_claimed.wait()
+        taken = await other.claim(url, lease=60, limit=3)
+        held = await claiming
+    finally:
+        await second.close()
+    assert [due.payload()["data"]["n"] for due in held] == [0, 1, 2]
+    assert [due.payload()["data"]["n"] for due in taken] == []
 
 
 @pytest.mark.usefixtures("fast")
