@@ -256,9 +256,9 @@ class Watcher:
         quick = Context(internal_domains=directory.domains, team=directory.team,
                         capture_forwards=capture.capture_forwards, folder_role=folder.role)
         # A forward under a subject of its own shows only in its body: mail
-        # among colleagues is looked at for one when the forward rules could
-        # capture it. (Mail with someone outside is not: most of it is
-        # business mail, and its body is not looked at for a forward.)
+        # the header leaves uncaptured is looked at for one when the forward
+        # rules could capture it. The mirror alone sees mail the company's
+        # own server delivers: among colleagues, and from outside.
         forwards_count = capture.capture_forwards or bool(capture.ats_inbox)
         # Bulk mail and mail no team member takes part in need no look-up;
         # the plainest of it needs no parsing either.
@@ -278,7 +278,7 @@ class Watcher:
                 # A Fwd-style subject: the forward is read from the whole.
                 if decide(facts, context).capture or facts.forward.subject_prefix:
                     wanted.append(uid)
-                elif forwards_count and all(map(quick.is_internal, facts.participants)):
+                elif forwards_count:
                     unclear.append(uid)
         # At most a batch of starts (BATCH), 64 KB each, in one command.
         wanted += await self._forwarding(imap, folder, directory, sorted(unclear))

@@ -151,8 +151,8 @@ def inline_forward(sender: str, to: str, subject: str, comment: str,
 
 async def test_a_forward_under_a_subject_of_its_own_is_found_in_its_body(
         mirrored: tuple[str, str, Gateway], team: Store, dovecot: Dovecot) -> None:
-    # Mail among colleagues never passes the relay when the company's own
-    # server delivers it: the mirror alone sees it.
+    # Mail the company's own server delivers (among colleagues, and from
+    # outside) never passes the relay: the mirror alone sees it.
     alice, password, _ = mirrored
     with_cv = inline_forward("recruiter@example.com", alice, "And her CV",
                              "Her CV is attached.")
@@ -165,12 +165,17 @@ async def test_a_forward_under_a_subject_of_its_own_is_found_in_its_body(
                                "She looks good for the backend role."),
                 inline_forward("recruiter@example.com", alice, "Not one of ours",
                                "A friend's son.", original="Bob <bob@else.test>"),
-                with_cv):
+                with_cv,
+                make_mail("sales@supplier.test", alice, "Your order", "Shipped today.\n"),
+                inline_forward("anna@agency.test", alice, "A candidate for your backend role",
+                               "She wrote to us first."),
+                inline_forward("anna@agency.test", alice, "Another one",
+                               "Not yours, I think.", original="Bob <bob@else.test>")):
         await asyncio.to_thread(dovecot.deliver, alice, password, raw)
-    await eventually(lambda: _threads(team, "C-1", 2))
+    await eventually(lambda: _threads(team, "C-1", 3))
     await asyncio.sleep(0.5)
     assert sorted(t.subject for t in await team.threads()) == [
-        "And her CV", "Your thoughts on this one?"]
+        "A candidate for your backend role", "And her CV", "Your thoughts on this one?"]
     # Stored whole, though only the start was read to find the forward.
     assert crlf(with_cv) in [crlf(raw) for raw in await captured(team)]
 
