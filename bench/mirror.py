@@ -493,7 +493,7 @@ class Breakdown:
             if part == HEADERS:
                 return "IMAP UID FETCH headers (per batch)"
             if part == START:
-                return "IMAP UID FETCH starts (per batch with mail among colleagues)"
+                return "IMAP UID FETCH starts (per batch with mail its header leaves open)"
             return "IMAP UID FETCH whole messages (per batch with candidates)"
 
         def run_key(db: Any, work: Any, write: bool, **options: Any) -> str:
