@@ -46,7 +46,7 @@ async def read_once(data: bytes) -> float:
     for start in range(0, len(data), FEED):
         reader.feed_data(data[start:start + FEED])
 
-    async def pass_nowhere(data: bytearray, passed: int) -> int:
+    async def pass_nowhere(data: bytearray, passed: int, dotted: bool) -> int:
         lines = passable_lines(data, passed)
         return -1 if lines is None else passed + len(lines)
 

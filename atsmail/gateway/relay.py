@@ -266,6 +266,8 @@ class RelayProtocol(SMTP):
         tail = b""
         # How much of `data` went upstream as it arrived; -1: no more will.
         passed = 2
+        # Whether what arrived since may hold a line that begins with a dot.
+        dotted = False
         while True:
             try:
                 piece = await reader.readuntil(END_OF_DATA)
@@ -281,9 +283,12 @@ class RelayProtocol(SMTP):
             elif refusal is None and too_long:
                 refusal = LINE_TOO_LONG
             if refusal is None:
-                data += _unstuffed(piece, end, tail)
+                body, dots = _unstuffed(piece, end, tail)
+                data += body
+                dotted = dotted or dots
                 if passed >= 0 and (len(data) - passed >= PASS_EVERY or (ended and passed > 2)):
-                    passed = await self._pass_on(data, passed)
+                    passed = await self._pass_on(data, passed, dotted)
+                    dotted = False
             else:
                 del data[:]
             tail = (tail + piece[-2:])[-2:]
@@ -300,10 +305,11 @@ class RelayProtocol(SMTP):
                         message = normalised
                 return message, refusal
 
-    async def _pass_on(self, data: bytearray, passed: int) -> int:
+    async def _pass_on(self, data: bytearray, passed: int, dotted: bool = True) -> int:
         """Pass the whole lines of `data` after `passed` upstream, before the
         rest of the message arrives; how far it is passed on, or -1 when no
-        more of it will be.
+        more of it will be. Without `dotted`, no line but the first of them
+        begins with a dot.
 
         Only lines ended by <CR><LF> go: a message with other line ends is
         taken whole (or refused, once it has lines of both kinds), and
@@ -325,7 +331,7 @@ class RelayProtocol(SMTP):
             session.passed = await upstream.begin_data()
         if session.passed.code != 354:
             return -1  # answered at the end of data
-        await upstream.send(lines)
+        await upstream.send(lines, dotted)
         return passed + len(lines)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -852,23 +858,25 @@ def passable_lines(data: bytearray, passed: int) -> bytes | None:
     return lines
 
 
-def _unstuffed(piece: bytes, end: int, tail: bytes) -> bytes | memoryview:
+def _unstuffed(piece: bytes, end: int, tail: bytes) -> tuple[bytes | memoryview, bool]:
     """`piece[:end]` without its transparency dots: those after a <CR><LF>,
-    including one that `tail`, the two bytes sent before it, begins.
+    including one that `tail`, the two bytes sent before it, begins; and
+    whether a line in it may still begin with a dot (none can without one).
 
     Most mail has none, and then nothing is copied.
     """
     body: bytes | memoryview = piece
-    if piece.find(b"\r\n.", 0, end) >= 0:
+    dots = piece.find(b"\r\n.", 0, end) >= 0
+    if dots:
         body = piece[:end].replace(b"\r\n.", b"\r\n")
     elif end < len(piece):
         body = memoryview(piece)[:end]
     head = piece[:min(end, 2)]
     if tail == b"\r\n" and head[:1] == b".":
-        return body[1:]
+        return body[1:], True
     if tail[-1:] == b"\r" and head == b"\n.":
-        return b"\n" + body[2:]
-    return body
+        return b"\n" + body[2:], True
+    return body, dots
 
 
 @functools.lru_cache(maxsize=4096)

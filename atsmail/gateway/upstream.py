@@ -241,12 +241,13 @@ class SmtpSession:
         `end_data`. The upstream's 354, or its refusal or our 4xx."""
         return await self._run("DATA", self._begin_data())
 
-    async def send(self, lines: bytes) -> None:
+    async def send(self, lines: bytes, dotted: bool = True) -> None:
         """More of the message begun by `begin_data`: whole lines, ended by
-        <CR><LF>, dot-stuffed here. An upstream that hung up or stopped
-        reading is heard at `end_data`."""
+        <CR><LF>, dot-stuffed here (without `dotted`, only the first may begin
+        with a dot). An upstream that hung up or stopped reading is heard at
+        `end_data`."""
         try:
-            for piece in _stuffed_pieces(lines, end=False):
+            for piece in _stuffed_pieces(lines, end=False, dotted=dotted):
                 await self._write(piece)
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("upstream failed while a message was passed on: %s", exc)
@@ -420,18 +421,20 @@ def _outcome_taken(task: asyncio.Future[Any]) -> None:
 DATA_PIECE = 256 * 1024
 
 
-def _stuffed_pieces(content: bytes, end: bool = True) -> Iterator[bytes | memoryview]:
+def _stuffed_pieces(content: bytes, end: bool = True,
+                    dotted: bool = True) -> Iterator[bytes | memoryview]:
     """`content` as the data of an SMTP DATA command, in pieces of about
     DATA_PIECE bytes that end at line ends: each line starting with a dot
     gets another (RFC 5321 4.5.2), and with `end` the end of data, in the
-    last piece, ends it. A piece with no such line is not copied."""
+    last piece, ends it. A piece with no such line is not copied. Without
+    `dotted`, the caller knows that no line but the first begins with one."""
     start = 0
     whole = memoryview(content)
     while True:
         cut = content.find(b"\r\n", start + DATA_PIECE)
         stop = len(content) if cut < 0 else cut + 2
         piece: bytes | memoryview = whole[start:stop]
-        if content.find(b"\r\n.", start, stop) >= 0:
+        if dotted and content.find(b"\r\n.", start, stop) >= 0:
             piece = content[start:stop].replace(b"\r\n.", b"\r\n..")
         if content[start:start + 1] == b".":
             piece = b"." + piece
