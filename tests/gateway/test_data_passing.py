@@ -18,6 +18,7 @@ import pytest
 from atsmail.config import Upstream
 from atsmail.gateway.relay import PASS_EVERY
 from atsmail.gateway.server import Gateway
+from atsmail.gateway.upstream import LOST, SmtpSession, open_session
 from atsmail.storage import Store
 from atsmail.storage.mailboxes import Mailboxes
 from tests.conftest import GatewayFactory, Sink, make_mail
@@ -219,3 +220,23 @@ async def test_an_upstream_that_answers_data_with_250_is_not_taken_for_a_deliver
     tap.refuse_data = None
     await still_serving(gateway.relay.port, sink, team, wire)
     await wire.close()
+
+
+@pytest.mark.parametrize("command", ["RCPT", "DATA"])
+async def test_a_data_left_open_takes_no_other_command_and_is_closed(
+        sink: Sink, tap: Tap, command: str) -> None:
+    # The relay never asks this of its upstream session; should a bug do so,
+    # the command must not be written into the data, where the upstream
+    # would read it as part of the message, and the message must not end.
+    session = await open_session(Upstream("smtp", "127.0.0.1", tap.port), 5, 5, None)
+    assert isinstance(session, SmtpSession)
+    assert (await session.mail(RECRUITER, [])).ok and (await session.rcpt(ADA)).ok
+    assert (await session.begin_data()).code == 354
+    await session.send(b"Subject: left open\r\n\r\nThe first line.\r\n")
+    await until(lambda: tap.upstream_bytes.endswith(b"The first line.\r\n"))
+    second = session.rcpt(HOSTED) if command == "RCPT" else session.begin_data()
+    assert await second == LOST
+    assert not session.usable and not session.in_transaction
+    await asyncio.sleep(0.3)
+    assert tap.upstream_bytes.endswith(b"DATA\r\nSubject: left open\r\n\r\nThe first line.\r\n")
+    assert sink.messages == []
