@@ -623,6 +623,11 @@ class Relay:
     async def handle_EHLO(self, server: SMTP, session: RelaySession, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        # Commands are read and answered one at a time, in order, whatever
+        # came with them (RFC 2920): a client such as Postfix may then send
+        # MAIL, RCPT and DATA at once. What a client sent along with STARTTLS
+        # is dropped, as RFC 3207 requires (aiosmtpd does).
+        responses.insert(1, "250-PIPELINING")
         # One write for the whole answer: aiosmtpd writes each line on its own.
         return ["\r\n".join(responses)]
 

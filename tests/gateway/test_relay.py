@@ -171,6 +171,34 @@ async def test_each_recipient_gets_the_upstreams_own_verdict(
     assert sink.messages[0].rcpt_tos == [ADA]
 
 
+async def test_pipelined_commands_are_answered_in_order_each_recipient_by_the_upstream(
+        relay: Gateway, sink: Sink, team: Store) -> None:
+    # As Postfix's client sends them once PIPELINING is offered (RFC 2920).
+    sink.reject_rcpt["nobody@applicant.test"] = "550 5.1.1 No such user here"
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.relay.port)
+    assert (await reader.readline()).startswith(b"220")
+    writer.write(b"EHLO mta.example.com\r\n")
+    offered = [await reader.readline()]
+    while offered[-1][3:4] == b"-":
+        offered.append(await reader.readline())
+    assert b"250-PIPELINING\r\n" in offered
+
+    async def replies(count: int) -> list[bytes]:
+        return [(await asyncio.wait_for(reader.readline(), 10))[:3] for _ in range(count)]
+
+    writer.write(f"MAIL FROM:<{RECRUITER}>\r\nRCPT TO:<{ADA}>\r\n"
+                 f"RCPT TO:<nobody@applicant.test>\r\nRCPT TO:<{GRACE}>\r\nDATA\r\n".encode())
+    assert await replies(5) == [b"250", b"250", b"550", b"250", b"354"]
+    raw = crlf(make_mail(RECRUITER, [ADA, GRACE], "Pipelined"))
+    writer.write(raw + b".\r\nMAIL FROM:<>\r\nRCPT TO:<nobody@applicant.test>\r\n"
+                 b"DATA\r\nQUIT\r\n")
+    # The second transaction has no recipient the upstream took: no DATA.
+    assert await replies(5) == [b"250", b"250", b"550", b"503", b"221"]
+    writer.close()
+    assert [(m.rcpt_tos, m.content) for m in sink.messages] == [([ADA, GRACE], raw)]
+    assert [t.subject for t in await team.threads("C-1")] == ["Pipelined"]
+
+
 async def test_permanent_reject_at_data_is_passed_on_and_capture_removed(
         relay: Gateway, sink: Sink, team: Store) -> None:
     sink.data_reply = "554 5.7.1 Message rejected by policy"

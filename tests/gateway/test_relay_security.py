@@ -76,6 +76,31 @@ async def test_a_member_logs_in_after_starttls_and_may_relay_from_outside(
     assert [t.subject for t in await team.threads("C-1")] == ["Interview"]
 
 
+async def test_commands_sent_along_with_starttls_are_dropped_not_run_under_tls(
+        gateway_factory: GatewayFactory, sink: Sink, certificate: tuple[Path, Path]) -> None:
+    # A man in the middle can add plain-text commands after STARTTLS, which a
+    # server that kept them would run inside the TLS session (CVE-2011-0411).
+    cert, key = certificate
+    gateway = await gateway_factory(tls_cert_file=cert, tls_key_file=key)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.relay.port)
+    assert (await reader.readline()).startswith(b"220")
+    writer.write(b"EHLO client.test\r\n")
+    while (await reader.readline())[3:4] == b"-":
+        pass
+    writer.write(f"STARTTLS\r\nEHLO injected.test\r\nMAIL FROM:<{RECRUITER}>\r\n".encode())
+    assert (await reader.readline()).startswith(b"220")
+    trusting = ssl.create_default_context(cafile=str(cert))
+    trusting.check_hostname = False
+    await writer.start_tls(trusting)
+    writer.write(f"RCPT TO:<{ADA}>\r\n".encode())
+    # Had they run, the injected EHLO and MAIL would be answered first, and
+    # the RCPT accepted.
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"503")
+    writer.write(b"QUIT\r\n")
+    writer.close()
+    assert sink.sessions == 0
+
+
 async def test_wrong_and_revoked_tokens_are_refused_and_relay_stays_closed(
         gateway_factory: GatewayFactory, team: Store, sink: Sink) -> None:
     token_id, token = await token_for(team, RECRUITER)
