@@ -198,7 +198,12 @@ class Webhooks:
         """One attempt; None when the receiver took the event, else why not."""
         body, headers = signed_request(due, endpoint.secret, time.time())
         try:
-            response = await client.post(endpoint.url, content=body, headers=headers)
+            # The client's timeout bounds each step alone: a receiver that
+            # answers a byte at a time would outlast the delivery's lease.
+            async with asyncio.timeout(TIMEOUT):
+                response = await client.post(endpoint.url, content=body, headers=headers)
+        except TimeoutError:
+            return f"no whole answer within {TIMEOUT:g} s"
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if response.is_success:

@@ -145,6 +145,10 @@ class WebhookQueue:
                           or_(WebhookDelivery.next_attempt > now,
                               WebhookDelivery.leased_until > now))
                    .scalar_subquery())
+        # Nor past an event not yet fanned out: another gateway's fan-out of
+        # older events may not have committed when a later one's has.
+        unqueued = (select(func.min(WebhookEvent.id)).where(WebhookEvent.fanned_out.is_(False))
+                    .scalar_subquery())
         async with self.db.write() as session:
             if not self.db.is_sqlite:
                 # Claims to one URL take turns (SQLite's writers always do):
@@ -157,6 +161,7 @@ class WebhookQueue:
                 .join(WebhookEvent, WebhookEvent.id == WebhookDelivery.event_pk)
                 .where(WebhookDelivery.url == url,
                        or_(blocked.is_(None), WebhookDelivery.event_pk < blocked),
+                       or_(unqueued.is_(None), WebhookDelivery.event_pk < unqueued),
                        # Also on the row itself: PostgreSQL checks these again
                        # on a row another gateway claimed and committed since
                        # this statement began (`blocked` is not checked again).

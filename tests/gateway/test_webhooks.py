@@ -61,6 +61,8 @@ class Receiver:
     status: int = 200
     # Seconds to sit on a request before answering it.
     delay: float = 0.0
+    # Seconds between the bytes of an answer that never ends, when set.
+    drip: float = 0.0
     requests: list[Request] = field(default_factory=list)
     # Requests read in full, answered or not yet.
     read: int = 0
@@ -105,6 +107,14 @@ class Receiver:
                 self.read += 1
                 if self.delay:
                     await asyncio.sleep(self.delay)
+                if self.drip:
+                    self.requests.append(Request(headers, body, 0))
+                    writer.write(b"HTTP/1.1 200 X\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    while self.drip:
+                        writer.write(b"1\r\nx\r\n")
+                        await writer.drain()
+                        await asyncio.sleep(self.drip)
+                    return
                 status = self.status
                 self.requests.append(Request(headers, body, status))
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n".encode())
@@ -437,6 +447,63 @@ async def test_a_claim_waits_for_another_gateways_claim_to_the_same_url(
         await second.close()
     assert [due.payload()["data"]["n"] for due in held] == [0, 1, 2]
     assert [due.payload()["data"]["n"] for due in taken] == []
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+async def test_no_claim_passes_events_another_gateway_is_still_fanning_out(
+        team: Store, store_url: str) -> None:
+    url = "https://ats.test/h"
+    async with team.db.write() as session:
+        await session.execute(insert(WebhookEvent), [
+            event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": n}) for n in range(3)])
+    selected, go = asyncio.Event(), asyncio.Event()
+
+    # The first gateway has taken the three events to fan out, uncommitted.
+    @event.listens_for(team.db.writer.sync_engine, "after_cursor_execute")
+    def first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if ("FROM webhook_events" in statement and "SKIP LOCKED" in statement
+                and not selected.is_set()):
+            selected.set()
+            await_only(asyncio.wait_for(go.wait(), 10))
+
+    second = Store.open(store_url)
+    try:
+        queue, other = WebhookQueue(team.db), WebhookQueue(second.db)
+        fanning = asyncio.create_task(queue.fan_out([url]))
+        await selected.wait()
+        # A fourth event; the second gateway fans it out and claims.
+        async with second.db.write() as session:
+            await session.execute(insert(WebhookEvent), [
+                event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": 3})])
+        assert await other.fan_out([url]) == 1
+        taken = await other.claim(url, lease=60)
+        go.set()
+        assert await fanning == 3
+        after = await other.claim(url, lease=60)
+    finally:
+        await second.close()
+    assert [due.payload()["data"]["n"] for due in taken] == []
+    assert [due.payload()["data"]["n"] for due in after] == [0, 1, 2, 3]
+
+
+@pytest.mark.usefixtures("fast")
+async def test_an_answer_that_never_ends_is_given_up_within_the_timeout_and_sent_again(
+        team: Store, receiver: Receiver) -> None:
+    # A byte every half second keeps each read of the HTTP client alive:
+    # only a bound on the whole request ends it, before its lease does.
+    receiver.drip = 0.5
+    await team.add_candidate("C-5", "Sam Switcher", ["sam@home.test", "sam@work.test"])
+    await team.add_team_member("sam@home.test", "Sam")
+    async with delivering(team, receiver):
+        await eventually(lambda: _tried(team, "no whole answer within 2 s"))
+        receiver.drip = 0
+        await eventually(received(receiver, 1))
+        await eventually(lambda: emptied(team))
+    assert receiver.requests[-1].headers["x-atsmail-attempt"] == "2"
+
+
+async def _tried(store: Store, error: str) -> bool:
+    return any(e == error for _, _, _, e in await WebhookQueue(store.db).pending())
 
 
 @pytest.mark.usefixtures("fast")
