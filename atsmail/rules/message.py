@@ -571,6 +571,25 @@ def _first_text(msg: Message) -> str:
     # Lines end as the email parser ends them: at CRLF, LF or a bare CR.
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if part.get_content_subtype() == "html":
-        text = re.sub(r"<br\s*/?>|</(?:p|div)>", "\n", text, flags=re.IGNORECASE)
-        text = html.unescape(re.sub(r"<[^<>]*>", "", text))
+        text = _HTML_BLOCK.sub(_ruled, text)
+        text = _HTML_LINE_END.sub("\n", text)
+        text = html.unescape(_HTML_TAG.sub("", text))
     return text
+
+
+# Where HTML text breaks into lines: a table row is one (Thunderbird writes
+# a forwarded header block as a table, a field to a row).
+_HTML_LINE_END = re.compile(r"<br\s*/?>|</(?:p|div|tr|li|h[1-6]|table)>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"<[^<>]*>")
+_HTML_BLOCK = re.compile(r"<(hr|div)\b([^<>]*)>", re.IGNORECASE)
+_BORDER_TOP = re.compile(r"border-top\s*:\s*solid", re.IGNORECASE)
+
+
+def _ruled(tag: re.Match[str]) -> str:
+    """A rule above a block as the line of underscores plain text has there
+    (Outlook's forwarded header, drawn as <hr> or as a border atop a <div>);
+    another <div> as it was. (The border is looked for in each tag alone:
+    one pattern for both would take time quadratic in a hostile tag.)"""
+    if tag[1].lower() == "hr" or _BORDER_TOP.search(tag[2]):
+        return "\n" + "_" * 32 + "\n"
+    return tag[0]

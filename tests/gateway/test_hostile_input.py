@@ -160,6 +160,15 @@ def megabyte_line() -> bytes:
             + b"x" * 1_000_000 + b"\r\nend\r\n")
 
 
+def unclosed_html_tag() -> bytes:
+    """A forward in HTML whose text is one tag, never closed, 200 KB long and
+    full of what marks a rule: read as a pattern would read it, a few seconds."""
+    return (b"From: recruiter@example.com\r\nTo: ada@applicant.test\r\n"
+            b"Subject: Fwd: one long tag\r\nMessage-ID: <long-tag@example.com>\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+            b"<div style=\"" + b"border-top:solid 1pt\r\n" * 10_000 + b"\r\n")
+
+
 def from_corpus(name: str) -> Callable[[], bytes]:
     return lambda: (CORPUS / name).read_bytes()
 
@@ -206,6 +215,7 @@ CASES: dict[str, tuple[Callable[[], bytes], int, bool]] = {
     "long_folded_header.eml": (from_corpus("long_folded_header.eml"), 250, True),
     "10,000 headers": (many_headers, 250, True),
     "5,000 MIME levels": (deep_mime, 250, True),
+    "an HTML tag of 200 KB": (unclosed_html_tag, 250, True),
     # RFC 5321 4.5.3.1.6: a text line is at most 1,000 bytes.
     "a 1 MB line": (megabyte_line, 554, False),
 }

@@ -205,12 +205,45 @@ GMAIL_HTML = (
     "<div>Dear team</div></div></div>\n")
 
 
+# Thunderbird writes the forwarded header as a table; here without line
+# breaks in the source, as HTML is often sent.
+THUNDERBIRD_HTML = (
+    '<p>Zur Info.</p><div class="moz-forward-container"><br><br>'
+    "-------- Weitergeleitete Nachricht --------<table class=\"moz-email-headers-table\">"
+    '<tbody><tr><th align="RIGHT">Betreff: </th><td>Bewerbung</td></tr>'
+    '<tr><th align="RIGHT">Von: </th><td>Ada Applicant <a href="mailto:ada@applicant.test">'
+    "&lt;ada@applicant.test&gt;</a></td></tr>"
+    '<tr><th align="RIGHT">An: </th><td><a href="mailto:jobs@example.com">jobs@example.com</a>'
+    "</td></tr></tbody></table><br><br><p>Sehr geehrte Damen und Herren,</p></div>\n")
+# Outlook draws a rule above the forwarded header (no marker text).
+OUTLOOK_HTML = (
+    '<div>Your thoughts?</div><hr style="display:inline-block;width:98%" tabindex="-1">'
+    '<div id="divRplyFwdMsg" dir="ltr"><font face="Calibri"><b>From:</b> Ada Applicant '
+    "&lt;ada@applicant.test&gt;<br><b>Sent:</b> Thursday, November 26, 2026 6:40 PM<br>"
+    "<b>To:</b> jobs@example.com &lt;jobs@example.com&gt;<br><b>Subject:</b> Application"
+    "</font><div>&nbsp;</div></div><div>Dear team</div>\n")
+OUTLOOK_DESKTOP_HTML = (
+    '<p class="MsoNormal">Your thoughts?</p><div style="border:none;border-top:solid #E1E1E1 '
+    '1.0pt;padding:3.0pt 0cm 0cm 0cm"><p class="MsoNormal"><b>From:</b> Ada Applicant '
+    "&lt;ada@applicant.test&gt; <br><b>Sent:</b> Thursday, November 26, 2026 6:40 PM<br>"
+    '<b>To:</b> jobs@example.com<br><b>Subject:</b> Application</p></div><p class="MsoNormal">'
+    "Dear team</p>\n")
+
+
 @pytest.mark.parametrize(("subject", "body", "content_type", "inline", "addresses"), [
     pytest.param("x", "See below\n\n---------- Forwarded message ---------\n"
                  "From: Ada Applicant <ada@applicant.test>\nDate: Thu, 26 Nov 2026 at 18:40\n"
                  "Subject: Application\nTo: <jobs@example.com>\n\n\nDear team\n",
                  "text/plain", True, ADA_ORIGINAL, id="gmail"),
     pytest.param("x", GMAIL_HTML, "text/html", True, ADA_ORIGINAL, id="gmail-html-only"),
+    pytest.param("x", THUNDERBIRD_HTML, "text/html", True, ADA_ORIGINAL,
+                 id="thunderbird-html-table-on-one-line"),
+    pytest.param("FW: Application", OUTLOOK_HTML, "text/html", False, ADA_ORIGINAL,
+                 id="outlook-html-rule-under-fw-subject"),
+    pytest.param("FW: Application", OUTLOOK_DESKTOP_HTML, "text/html", False, ADA_ORIGINAL,
+                 id="outlook-desktop-html-border-under-fw-subject"),
+    pytest.param("Re: Application", OUTLOOK_HTML, "text/html", False, (),
+                 id="outlook-html-reply-is-not-read"),
     pytest.param("x", "FYI\n\nBegin forwarded message:\n\nFrom: Ada <ada@applicant.test>\n"
                  "Subject: Application\nDate: 26 November 2026 at 18:40:00 CET\n"
                  "To: jobs@example.com\n\nDear team\n",
