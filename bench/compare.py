@@ -8,7 +8,11 @@ loads along three paths, each ending in Postfix's `smtp-sink`:
 - smtp-source → Postfix (a private instance: `relayhost` the sink, its own
   queue, as in `bench/crash.py`) → smtp-sink;
 - smtp-source → `atsmail serve --workers N` (capture on: every message is
-  candidate mail) → smtp-sink.
+  candidate mail) → smtp-sink;
+- with `--behind-postfix`, also smtp-source → a second Postfix whose
+  `relayhost` is atsmail → atsmail → smtp-sink: the company MTA with
+  atsmail put behind it, as deployed, against the same MTA straight to the
+  sink (Postfix (delivered)).
 
 For each message size (`--sizes`) and number of concurrent sessions
 (`--sessions`) it prints messages per second as smtp-source saw them (for
@@ -105,6 +109,15 @@ def smtp_source(port: int, sessions: int, messages: int, size: int, to: str) -> 
     return time.monotonic() - began
 
 
+def delivered_rate(postfix: Postfix, port: int, sessions: int, count: int, size: int,
+                   to: str) -> tuple[float, float]:
+    """Messages/s into `postfix` as smtp-source saw them, and as it delivered them."""
+    start = time.monotonic()
+    accepted = count / smtp_source(port, sessions, count, size, to)
+    drained(postfix)
+    return accepted, count / (time.monotonic() - start)
+
+
 def drained(postfix: Postfix, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while postfix.queued():
@@ -153,6 +166,7 @@ def run(opts: argparse.Namespace) -> int:
     with workspace(opts.keep) as workdir:
         procs = Processes(workdir)
         postfix: Postfix | None = None
+        behind: Postfix | None = None
         try:
             _, sink_port = start_sink(procs)
             relay_port, mta_port = free_port(), free_port()
@@ -169,6 +183,10 @@ def run(opts: argparse.Namespace) -> int:
             wait_for_port(relay_port, gateway, log)
             postfix = Postfix(workdir / "postfix", mta_port, sink_port)
             postfix.start(procs)
+            if opts.behind_postfix:
+                behind_port = free_port()
+                behind = Postfix(workdir / "postfix-behind", behind_port, relay_port)
+                behind.start(procs)
             time.sleep(2)  # let the relay workers start too
 
             to = candidate_address(opts.candidates - 1)
@@ -176,6 +194,8 @@ def run(opts: argparse.Namespace) -> int:
                   f"messages/s as smtp-source saw them\n")
             header = ("size", "sessions", "messages", "sink", "Postfix accepted",
                       "Postfix delivered", "atsmail", "atsmail / Postfix")
+            if behind is not None:
+                header += ("Postfix → atsmail delivered", "its / Postfix delivered")
             print(" | ".join(header))
             print(" | ".join("---" for _ in header))
             sent = 0
@@ -183,15 +203,18 @@ def run(opts: argparse.Namespace) -> int:
                 for sessions in opts.sessions:
                     count = max(sessions, opts.bytes // size)
                     direct = count / smtp_source(sink_port, sessions, count, size, to)
-                    start = time.monotonic()
-                    accepted = count / smtp_source(mta_port, sessions, count, size, to)
-                    drained(postfix)
-                    delivered = count / (time.monotonic() - start)
+                    accepted, delivered = delivered_rate(postfix, mta_port, sessions, count,
+                                                         size, to)
                     relayed = count / smtp_source(relay_port, sessions, count, size, to)
                     sent += count
-                    print(f"{size:,} | {sessions} | {count} | {direct:,.0f} | {accepted:,.0f} | "
-                          f"{delivered:,.0f} | {relayed:,.0f} | {relayed / delivered:.2f}",
-                          flush=True)
+                    row = (f"{size:,} | {sessions} | {count} | {direct:,.0f} | {accepted:,.0f} | "
+                           f"{delivered:,.0f} | {relayed:,.0f} | {relayed / delivered:.2f}")
+                    if behind is not None:
+                        _, chained = delivered_rate(behind, behind_port, sessions, count,
+                                                    size, to)
+                        sent += count
+                        row += f" | {chained:,.0f} | {chained / delivered:.2f}"
+                    print(row, flush=True)
 
             if opts.latency_messages:
                 print_latency(sink_port, mta_port, relay_port, opts)
@@ -201,8 +224,9 @@ def run(opts: argparse.Namespace) -> int:
             print(f"captured {captured} messages; expected {expected}")
             return 0 if captured == expected else 1
         finally:
-            if postfix is not None:
-                postfix.stop()
+            for instance in (postfix, behind):
+                if instance is not None:
+                    instance.stop()
             procs.stop_all()
 
 
@@ -218,6 +242,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--latency-messages", type=int, default=500,
                         help="messages in the latency run (0: no latency run)")
+    parser.add_argument("--behind-postfix", action="store_true",
+                        help="also time a second Postfix relaying through atsmail")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     return parser.parse_args(argv)
 

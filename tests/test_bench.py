@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import require_peer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +52,21 @@ def test_the_reader_bench_reads_every_kind_of_text() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(done.stdout.splitlines()) == 6 and "lines of just 'a.': " in done.stdout
+
+
+def test_the_postfix_comparison_runs_every_path_and_captures_every_message() -> None:
+    require_peer(os.geteuid() == 0 and bool(shutil.which("postfix"))
+                 and bool(shutil.which("smtp-source")),
+                 "the comparison needs root, Postfix and smtp-source (Debian's postfix)")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare.py"), "--sizes", "10240",
+         "--sessions", "2", "--bytes", "204800", "--latency-messages", "20", "--workers", "1",
+         "--behind-postfix"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("10,240 |")]
+    assert len(rows) == 1 and len(rows[0]) == 10, done.stdout
+    assert "added at p99" in done.stdout
+    # Every message of every path through atsmail, captured once.
+    assert "captured 50 messages; expected 50" in done.stdout, done.stdout
