@@ -27,7 +27,7 @@ from atsmail.gateway.server import Gateway
 from atsmail.gateway.webhooks import Endpoint, Webhooks
 from atsmail.secrets import Secrets
 from atsmail.storage import Store
-from atsmail.storage.events import MAILBOX_ERROR, WebhookQueue, event_row
+from atsmail.storage.events import MAILBOX_ERROR, Due, WebhookQueue, event_row
 from atsmail.storage.mailboxes import Account, Mailboxes
 from atsmail.storage.models import WebhookDelivery, WebhookEvent, utcnow
 from tests.conftest import GatewayFactory, make_mail, relay_config, smtp_send
@@ -142,6 +142,14 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("atsmail.storage.events.FIRST_RETRY", 0.1)
     monkeypatch.setattr("atsmail.storage.events.LAST_RETRY", 0.4)
     monkeypatch.setenv(SECRET_ENV, SECRET)
+
+
+@pytest.fixture
+async def second_store(store_url: str) -> AsyncIterator[Store]:
+    """A second gateway on the same store: its own engine and connections."""
+    opened = Store.open(store_url)
+    yield opened
+    await opened.close()
 
 
 def hook(receiver: Receiver) -> tuple[WebhookConfig, ...]:
@@ -404,16 +412,25 @@ async def test_two_gateways_on_one_store_deliver_each_event_once_to_each_url(
         assert len(r.requests) == 12
 
 
+async def record_numbered(store: Store, numbers: range) -> None:
+    """Events numbered `n` in their data, oldest first."""
+    async with store.db.write() as session:
+        await session.execute(insert(WebhookEvent), [
+            event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": n}) for n in numbers])
+
+
+def numbered(dues: list[Due]) -> list[int]:
+    return [due.payload()["data"]["n"] for due in dues]
+
+
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 async def test_a_claim_waits_for_another_gateways_claim_to_the_same_url(
-        team: Store, store_url: str) -> None:
+        team: Store, second_store: Store) -> None:
     """Order per URL holds between gateways: while one gateway's claim of the
     oldest deliveries is not yet committed, another's claim must not take the
     next ones past them and send them first."""
     url = "https://ats.test/h"
-    async with team.db.write() as session:
-        await session.execute(insert(WebhookEvent), [
-            event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": n}) for n in range(6)])
+    await record_numbered(team, range(6))
     first_claimed, second_claimed = asyncio.Event(), asyncio.Event()
 
     def claims(statement: str) -> bool:
@@ -429,33 +446,25 @@ async def test_a_claim_waits_for_another_gateways_claim_to_the_same_url(
             with contextlib.suppress(TimeoutError):
                 await_only(asyncio.wait_for(second_claimed.wait(), 2))
 
-    second = Store.open(store_url)
-
-    @event.listens_for(second.db.writer.sync_engine, "after_cursor_execute")
+    @event.listens_for(second_store.db.writer.sync_engine, "after_cursor_execute")
     def then(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if claims(statement):
             second_claimed.set()
 
-    try:
-        queue, other = WebhookQueue(team.db), WebhookQueue(second.db)
-        assert await queue.fan_out([url]) == 6
-        claiming = asyncio.create_task(queue.claim(url, lease=60, limit=3))
-        await first_claimed.wait()
-        taken = await other.claim(url, lease=60, limit=3)
-        held = await claiming
-    finally:
-        await second.close()
-    assert [due.payload()["data"]["n"] for due in held] == [0, 1, 2]
-    assert [due.payload()["data"]["n"] for due in taken] == []
+    queue, second = WebhookQueue(team.db), WebhookQueue(second_store.db)
+    assert await queue.fan_out([url]) == 6
+    claiming = asyncio.create_task(queue.claim(url, lease=60, limit=3))
+    await first_claimed.wait()
+    taken = await second.claim(url, lease=60, limit=3)
+    assert numbered(await claiming) == [0, 1, 2]
+    assert numbered(taken) == []
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 async def test_no_claim_passes_events_another_gateway_is_still_fanning_out(
-        team: Store, store_url: str) -> None:
+        team: Store, second_store: Store) -> None:
     url = "https://ats.test/h"
-    async with team.db.write() as session:
-        await session.execute(insert(WebhookEvent), [
-            event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": n}) for n in range(3)])
+    await record_numbered(team, range(3))
     selected, go = asyncio.Event(), asyncio.Event()
 
     # The first gateway has taken the three events to fan out, uncommitted.
@@ -466,24 +475,17 @@ async def test_no_claim_passes_events_another_gateway_is_still_fanning_out(
             selected.set()
             await_only(asyncio.wait_for(go.wait(), 10))
 
-    second = Store.open(store_url)
-    try:
-        queue, other = WebhookQueue(team.db), WebhookQueue(second.db)
-        fanning = asyncio.create_task(queue.fan_out([url]))
-        await selected.wait()
-        # A fourth event; the second gateway fans it out and claims.
-        async with second.db.write() as session:
-            await session.execute(insert(WebhookEvent), [
-                event_row(MAILBOX_ERROR, {"mailbox": "jobs@example.com", "n": 3})])
-        assert await other.fan_out([url]) == 1
-        taken = await other.claim(url, lease=60)
-        go.set()
-        assert await fanning == 3
-        after = await other.claim(url, lease=60)
-    finally:
-        await second.close()
-    assert [due.payload()["data"]["n"] for due in taken] == []
-    assert [due.payload()["data"]["n"] for due in after] == [0, 1, 2, 3]
+    queue, second = WebhookQueue(team.db), WebhookQueue(second_store.db)
+    fanning = asyncio.create_task(queue.fan_out([url]))
+    await selected.wait()
+    # A fourth event; the second gateway fans it out and claims.
+    await record_numbered(second_store, range(3, 4))
+    assert await second.fan_out([url]) == 1
+    taken = await second.claim(url, lease=60)
+    go.set()
+    assert await fanning == 3
+    assert numbered(taken) == []
+    assert numbered(await second.claim(url, lease=60)) == [0, 1, 2, 3]
 
 
 @pytest.mark.usefixtures("fast")
