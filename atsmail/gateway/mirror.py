@@ -342,7 +342,8 @@ class Watcher:
     def _passed_over(self, data: bytes, folder: FolderState, uid: int,
                      directory: Context) -> str | None:
         """Why the rules can never capture the message whose header is `data`
-        (`passed_over`), or None: it must be judged."""
+        (`passed_over`; "unreadable", logged, when it cannot be read), or
+        None: it must be judged."""
         try:
             return passed_over(data, directory)
         except Exception:

@@ -305,7 +305,7 @@ class RelayProtocol(SMTP):
                         message = normalised
                 return message, refusal
 
-    async def _pass_on(self, data: bytearray, passed: int, dotted: bool = True) -> int:
+    async def _pass_on(self, data: bytearray, passed: int, dotted: bool) -> int:
         """Pass the whole lines of `data` after `passed` upstream, before the
         rest of the message arrives; how far it is passed on, or -1 when no
         more of it will be. Without `dotted`, no line but the first of them

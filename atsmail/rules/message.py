@@ -77,6 +77,12 @@ _BLOCK_ADDRESS_FIELDS = re.compile(
 )
 _BLOCK_FROM = re.compile(r"^[ \t>]*\*?(?:from|von|de|da|van)\s*:\*?\s*(.+)$",
                          re.IGNORECASE | re.MULTILINE)
+# Where HTML text breaks into lines: a table row is one (Thunderbird writes
+# a forwarded header block as a table, a field to a row).
+_HTML_LINE_END = re.compile(r"<br\s*/?>|</(?:p|div|tr|li|h[1-6]|table)>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"<[^<>]*>")
+_HTML_BLOCK = re.compile(r"<(hr|div)\b([^<>]*)>", re.IGNORECASE)
+_BORDER_TOP = re.compile(r"border-top\s*:\s*solid", re.IGNORECASE)
 # Forwarded blocks read in one message: a bound on hostile input.
 _MAX_BLOCKS = 20
 # How far below a marker the forwarded header block may reach.
@@ -575,14 +581,6 @@ def _first_text(msg: Message) -> str:
         text = _HTML_LINE_END.sub("\n", text)
         text = html.unescape(_HTML_TAG.sub("", text))
     return text
-
-
-# Where HTML text breaks into lines: a table row is one (Thunderbird writes
-# a forwarded header block as a table, a field to a row).
-_HTML_LINE_END = re.compile(r"<br\s*/?>|</(?:p|div|tr|li|h[1-6]|table)>", re.IGNORECASE)
-_HTML_TAG = re.compile(r"<[^<>]*>")
-_HTML_BLOCK = re.compile(r"<(hr|div)\b([^<>]*)>", re.IGNORECASE)
-_BORDER_TOP = re.compile(r"border-top\s*:\s*solid", re.IGNORECASE)
 
 
 def _ruled(tag: re.Match[str]) -> str:
