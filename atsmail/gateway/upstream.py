@@ -194,8 +194,10 @@ class SmtpSession:
             return LOST
         except aiosmtplib.SMTPResponseException as exc:
             return Reply(exc.code, exc.message)
-        except ValueError as exc:  # an address aiosmtplib will not put on the wire
-            return Reply(553, f"5.1.3 Address not accepted: {' '.join(str(exc).split())}")
+        except UnicodeEncodeError:
+            # A parameter not in ASCII: aiosmtpd reads SIZE= in Arabic-Indic digits
+            # as a number.
+            return Reply(555, "5.5.4 Parameters not in ASCII are not accepted")
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("upstream %s failed: %s", command, exc)
             self.client.close()
@@ -209,13 +211,13 @@ class SmtpSession:
         if wants_utf8 and not self.client.supports_extension("smtputf8"):
             return NO_SMTPUTF8
         self._encoding = "utf-8" if wants_utf8 else "ascii"
-        if sender not in ("<>", "") and not _passed_as_written(sender):
-            return REWRITTEN
-        # aiosmtpd hands the null reverse-path over as "<>"; aiosmtplib
-        # writes "" as "<>" and refuses "<>" itself.
-        reply = await self._run("MAIL", self.client.mail(
-            "" if sender == "<>" else sender, options=self._options(options),
-            encoding=self._encoding))
+        # aiosmtpd hands the null reverse-path over as "<>".
+        path = "" if sender in ("<>", "") else sender
+        refusal = _refusal(path) if path else None
+        if refusal is not None:
+            return refusal
+        reply = await self._run("MAIL", self._command(b"MAIL", b"FROM", path,
+                                                      self._options(options)))
         self._in_transaction = reply.ok
         return reply
 
@@ -226,9 +228,19 @@ class SmtpSession:
             return LOST
         if not recipient.isascii() and self._encoding != "utf-8":
             return NO_SMTPUTF8
-        if not _passed_as_written(recipient):
-            return REWRITTEN
-        return await self._run("RCPT", self.client.rcpt(recipient, encoding=self._encoding))
+        refusal = _refusal(recipient)
+        if refusal is not None:
+            return refusal
+        return await self._run("RCPT", self._command(b"RCPT", b"TO", recipient, []))
+
+    async def _command(self, verb: bytes, field: bytes, path: str,
+                       options: list[str]) -> aiosmtplib.SMTPResponse:
+        """MAIL or RCPT with `path` as it is written, once `_refusal` passed it:
+        what aiosmtplib's `mail` and `rcpt` would write, without their parsing
+        the address again."""
+        line = b"%s:<%s>" % (field, path.encode(self._encoding))
+        return await self.client.execute_command(
+            verb, line, *(option.encode("ascii") for option in options))
 
     async def data(self, content: bytes, release: Release | None = None) -> Reply:
         try:
@@ -451,17 +463,19 @@ def _end_of_data(content: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _passed_as_written(address: str) -> bool:
-    """Whether aiosmtplib puts `address` on the wire as it is.
+def _refusal(address: str) -> Reply | None:
+    """Why `address` may not go upstream as it is written, or None.
 
-    It parses every address again before writing it, and that parse can make
-    another address of one: `"x<CR>Bcc: y@z"@d` becomes `y@z`. Such an address
-    is refused, so the upstream gets the very address the relay judged.
+    aiosmtplib's check refuses an address that could add parameters or
+    commands to a command line. An address its parse reads as another
+    (`"x<CR>Bcc: y@z"@d` as `y@z`) is refused too: down the line it may be
+    read as that other, not the one the relay judged.
     """
     try:
-        return parse_address(address) == address
-    except ValueError:
-        return True  # refused with its own reason when it is sent
+        written = parse_address(address)
+    except ValueError as exc:
+        return Reply(553, f"5.1.3 Address not accepted: {' '.join(str(exc).split())}")
+    return None if written == address else REWRITTEN
 
 
 class MaildirSession:

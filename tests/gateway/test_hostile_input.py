@@ -325,8 +325,9 @@ async def test_100000_recipients_get_452_past_the_limit_and_the_session_carries_
 # a command (or a header) of the client's choosing down the line. Nothing of
 # them reaches the upstream: aiosmtpd refuses the syntax (501), the relay an
 # address that would reach the upstream as another or with a control
-# character in it (553). A CR that aiosmtpd reads as blank space inside
-# <...> leaves a clean address, which is taken.
+# character in it (553), and a parameter not in ASCII (555). A CR that
+# aiosmtpd reads as blank space inside <...> leaves a clean address, which
+# is taken.
 INJECTIONS = [
     pytest.param(f"MAIL FROM:<{RECRUITER}>\rRCPT TO:<victim@example.com>", 501,
                  id="bare-CR-after-MAIL-FROM"),
@@ -336,6 +337,8 @@ INJECTIONS = [
     pytest.param(f"MAIL FROM:<{RECRUITER}\x00victim@example.com>", 553, id="NUL-in-the-sender"),
     pytest.param('MAIL FROM:<"rita\rRCPT TO: victim@example.com"@example.com>', 553,
                  id="bare-CR-in-a-quoted-sender"),
+    pytest.param(f"MAIL FROM:<{RECRUITER}> SIZE=\u0661\u0660\u0660", 555,
+                 id="a-parameter-not-in-ASCII"),
     pytest.param(f"RCPT TO:<{ADA}>\rDATA", 555, id="bare-CR-after-RCPT-TO"),
     pytest.param('RCPT TO:<"ada\rBcc: victim@example.com"@applicant.test>', 553,
                  id="bare-CR-in-a-quoted-recipient"),
