@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +30,10 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import ConnectionPoolEntry
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How the hot path's writer waits for another process's write (seconds):
+# a pause that doubles from the first to the longest.
+BUSY_FIRST_PAUSE = 50e-6
+BUSY_LONGEST_PAUSE = 1e-3
 CHECKPOINT_ATTEMPTS = 10
 # The hot path's writes leave folding the write-ahead log into the database
 # file to a thread of their own, started at most this often (seconds).
@@ -42,6 +47,8 @@ FOLD_BACKSTOP_PAGES = 10_000
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# How a transaction begins: a statement, or a function of the driver's connection.
+Begin = str | Callable[[Any], None]
 
 
 def _is_sqlite(url: str) -> bool:
@@ -54,14 +61,40 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
-def _sqlite_sync_engine(url: str, begin: str | None, folds_log: bool = True) -> Engine:
+def _sqlite_sync_engine(url: str, begin: Begin | None, folds_log: bool = True) -> Engine:
     engine = create_engine(url.replace("+aiosqlite", "", 1),
                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     _tune_sqlite(engine, begin, folds_log)
     return engine
 
 
-def _tune_sqlite(engine: Engine, begin: str | None, folds_log: bool = True) -> None:
+def _begin_immediate(driver: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting for another process's write in short steps.
+
+    SQLite's own wait (the busy timeout) sleeps a millisecond at the first
+    refusal, then 2, 5, 10 and more, often long after the other write has
+    ended. With `serve --workers N` the processes take the store's write
+    lock in turns, and those sleeps left the CPU idle. Blocks its thread,
+    as SQLite's wait does: for the store's own threads only.
+    """
+    driver.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        pause = BUSY_FIRST_PAUSE
+        while True:
+            try:
+                driver.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, BUSY_LONGEST_PAUSE)
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+
+
+def _tune_sqlite(engine: Engine, begin: Begin | None, folds_log: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
@@ -82,7 +115,10 @@ def _tune_sqlite(engine: Engine, begin: str | None, folds_log: bool = True) -> N
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
+        if isinstance(begin, str):
+            conn.exec_driver_sql(begin)
+        else:
+            begin(conn.connection.driver_connection)
 
 
 class Database:
@@ -112,8 +148,9 @@ class Database:
             self.reader = _sqlite_engine(url, "BEGIN")
             # The hot path's reads are single statements or tolerate a commit
             # between their statements, so they skip BEGIN/COMMIT entirely.
-            for name, begin in (("writer", "BEGIN IMMEDIATE"), ("reader", None),
-                                ("folder", None)):
+            sync_begins: tuple[tuple[str, Begin | None], ...] = (
+                ("writer", _begin_immediate), ("reader", None), ("folder", None))
+            for name, begin in sync_begins:
                 self._sync_engines[name] = _sqlite_sync_engine(
                     url, begin, folds_log=name != "writer")
                 # One thread per engine: SQLite connections stay in the thread
