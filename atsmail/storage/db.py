@@ -1,7 +1,7 @@
 """Engines and sessions: one URL switches SQLite and PostgreSQL.
 
 SQLite is tuned for a mail gateway: WAL so readers never wait for the
-writer, `synchronous=FULL` so a committed capture survives a power cut,
+writer, commits flushed to disk so a committed capture survives a power cut,
 `secure_delete` so erased mail is overwritten rather than left in free
 pages, and writers that take the lock up front (`BEGIN IMMEDIATE`) so two
 processes writing at once wait for each other instead of failing.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -61,10 +62,10 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
-def _sqlite_sync_engine(url: str, begin: Begin | None, folds_log: bool = True) -> Engine:
+def _sqlite_sync_engine(url: str, begin: Begin | None, hot_writer: bool = False) -> Engine:
     engine = create_engine(url.replace("+aiosqlite", "", 1),
                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-    _tune_sqlite(engine, begin, folds_log)
+    _tune_sqlite(engine, begin, hot_writer)
     return engine
 
 
@@ -94,15 +95,20 @@ def _begin_immediate(driver: sqlite3.Connection) -> None:
         driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
-def _tune_sqlite(engine: Engine, begin: Begin | None, folds_log: bool = True) -> None:
+def _tune_sqlite(engine: Engine, begin: Begin | None, hot_writer: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        pragmas = ["journal_mode=WAL", "synchronous=FULL", "secure_delete=ON",
-                   "foreign_keys=ON", f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"]
-        if not folds_log:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        logged = cursor.fetchone()[0] == "wal"
+        # The hot path's writes do not wait for the disk while they hold the
+        # write lock: `Database.run` flushes the log after them (`_flush_log`).
+        synchronous = "NORMAL" if hot_writer and logged else "FULL"
+        pragmas = [f"synchronous={synchronous}", "secure_delete=ON", "foreign_keys=ON",
+                   f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"]
+        if hot_writer:
             # Otherwise every thousandth page or so, a commit also copies the
             # log into the database file and waits for the disk twice more.
             pragmas.append(f"wal_autocheckpoint={FOLD_BACKSTOP_PAGES}")
@@ -152,7 +158,7 @@ class Database:
                 ("writer", _begin_immediate), ("reader", None), ("folder", None))
             for name, begin in sync_begins:
                 self._sync_engines[name] = _sqlite_sync_engine(
-                    url, begin, folds_log=name != "writer")
+                    url, begin, hot_writer=name == "writer")
                 # One thread per engine: SQLite connections stay in the thread
                 # that made them, and the writer serialises writes anyway.
                 self._threads[name] = ThreadPoolExecutor(
@@ -185,22 +191,15 @@ class Database:
         def in_transaction() -> T:
             conn = self._connection(name)
             try:
-                if flush:
-                    with conn.begin():
-                        return work(conn)
-                # Not inside a transaction: SQLite refuses it there.
-                driver = conn.connection.driver_connection
-                assert driver is not None
-                driver.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    with conn.begin():
-                        return work(conn)
-                finally:
-                    driver.execute("PRAGMA synchronous=FULL")
+                with conn.begin():
+                    result = work(conn)
             except BaseException:
                 # Whatever state it was left in, the next run starts afresh.
                 self._release(name)
                 raise
+            if write and flush:
+                self._flush_log()
+            return result
 
         result = await asyncio.get_running_loop().run_in_executor(
             self._threads[name], in_transaction)
@@ -219,6 +218,29 @@ class Database:
         conn = self._held.pop(name, None)
         if conn is not None:
             conn.close()
+
+    def _flush_log(self) -> None:
+        """Put the write-ahead log on disk, and with it every commit before.
+
+        What `synchronous=FULL` does inside each commit, done after it: the
+        write lock is free meanwhile, so the processes of `serve --workers N`
+        do not wait for each other's flushes. SQLite has written the commit
+        to the log file (it is only not yet on disk), and a crash that
+        leaves part of it unwritten undoes it whole: the log's checksums end
+        at the last commit written in full.
+        """
+        path = self.sqlite_path
+        if path is None:
+            return  # in memory
+        log_path = path.with_name(path.name + "-wal")
+        try:
+            fd = os.open(log_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # not in WAL mode: its commits wait for the disk themselves
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def _fold_log_soon(self) -> None:
         """Start folding the write-ahead log into the database file, unless

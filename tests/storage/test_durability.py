@@ -1,0 +1,98 @@
+"""A write that `Database.run` flushes is on disk before `run` returns.
+
+The hot path's SQLite writer commits without waiting for the disk, so that
+the processes of `serve --workers N` do not hold the write lock through
+each other's flushes, and flushes the write-ahead log after the commit.
+What is on disk when is seen only in the system calls, so the store is
+driven in a process of its own under strace.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_peer
+
+SCRIPT = """
+import asyncio, os, sys
+from atsmail.storage.db import Database
+
+async def main(path, flush):
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x BLOB)"), write=True)
+    for _ in range(3):
+        os.write(1, b"WRITE\\n")
+        await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (randomblob(20000))"),
+                     write=True, flush=flush)
+        os.write(1, b"RETURNED\\n")
+    await db.close()
+
+asyncio.run(main(sys.argv[1], sys.argv[2] == "flush"))
+"""
+
+# strace -y writes each descriptor with its path: fdatasync(7</tmp/.../store.db-wal>)
+CALL = re.compile(r"^(\d+)\s+(\w+)\((\d+)<([^>]*)>(.*)$")
+
+
+def calls_between_the_markers(path: Path, flush: bool, tmp_path: Path) -> list[list[str]]:
+    """For each write: the system calls ("name path") of the thread that wrote
+    it to the log, from WRITE to RETURNED. (The store's other threads, such
+    as the one that folds the log into the database, flush it on their own
+    schedule.)"""
+    trace = tmp_path / "trace"
+    subprocess.run(["strace", "-f", "-y", "-o", str(trace),
+                    "-e", "trace=write,pwrite64,fsync,fdatasync",
+                    sys.executable, "-c", SCRIPT, str(path), "flush" if flush else "no"],
+                   check=True, capture_output=True, timeout=60)
+    writes: list[list[str]] = []
+    current: list[tuple[str, str]] | None = None
+    for line in trace.read_text().splitlines():
+        match = CALL.match(line)
+        if not match:
+            continue
+        thread, name, fd, target, rest = match.groups()
+        if name == "write" and fd == "1":
+            if "WRITE" in rest:
+                current = []
+            elif "RETURNED" in rest and current is not None:
+                writer = next(t for t, call in current if call == f"pwrite64 {path}-wal")
+                writes.append([call for t, call in current if t == writer])
+                current = None
+        elif current is not None:
+            current.append((thread, f"{name} {target}"))
+    return writes
+
+
+@pytest.fixture
+def strace() -> None:
+    require_peer(shutil.which("strace") is not None, "strace is not installed")
+
+
+@pytest.mark.usefixtures("strace")
+def test_a_flushed_write_reaches_the_disk_after_its_commit_before_run_returns(
+        tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    log = f"{store}-wal"
+    writes = calls_between_the_markers(store, flush=True, tmp_path=tmp_path)
+    assert len(writes) == 3
+    for calls in writes:
+        commit = max(i for i, call in enumerate(calls) if call == f"pwrite64 {log}")
+        assert {f"fdatasync {log}", f"fsync {log}"} & set(calls[commit + 1:]), calls
+
+
+@pytest.mark.usefixtures("strace")
+def test_a_write_not_flushed_leaves_the_log_to_a_later_flush(tmp_path: Path) -> None:
+    store = tmp_path / "store.db"
+    writes = calls_between_the_markers(store, flush=False, tmp_path=tmp_path)
+    assert len(writes) == 3
+    # (SQLite flushes the log's header itself when it starts writing the log
+    # from its beginning, as in the first write.)
+    for calls in writes[1:]:
+        assert f"pwrite64 {store}-wal" in calls
+        assert not [call for call in calls if call.startswith(("fsync", "fdatasync"))], calls
