@@ -13,6 +13,7 @@ import functools
 import logging
 import mailbox
 import os
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -194,10 +195,8 @@ class SmtpSession:
             return LOST
         except aiosmtplib.SMTPResponseException as exc:
             return Reply(exc.code, exc.message)
-        except UnicodeEncodeError:
-            # A parameter not in ASCII: aiosmtpd reads SIZE= in Arabic-Indic digits
-            # as a number.
-            return Reply(555, "5.5.4 Parameters not in ASCII are not accepted")
+        except ValueError as exc:  # a command line aiosmtplib will not write
+            return Reply(553, f"5.1.3 Address not accepted: {' '.join(str(exc).split())}")
         except (aiosmtplib.SMTPException, OSError) as exc:
             log.warning("upstream %s failed: %s", command, exc)
             self.client.close()
@@ -216,8 +215,12 @@ class SmtpSession:
         refusal = _refusal(path) if path else None
         if refusal is not None:
             return refusal
-        reply = await self._run("MAIL", self._command(b"MAIL", b"FROM", path,
-                                                      self._options(options)))
+        try:
+            passed = [option.encode("ascii") for option in self._options(options)]
+        except UnicodeEncodeError:
+            # aiosmtpd reads SIZE= in Arabic-Indic digits as a number.
+            return Reply(555, "5.5.4 Parameters not in ASCII are not accepted")
+        reply = await self._run("MAIL", self._command(b"MAIL", b"FROM", path, passed))
         self._in_transaction = reply.ok
         return reply
 
@@ -234,13 +237,12 @@ class SmtpSession:
         return await self._run("RCPT", self._command(b"RCPT", b"TO", recipient, []))
 
     async def _command(self, verb: bytes, field: bytes, path: str,
-                       options: list[str]) -> aiosmtplib.SMTPResponse:
+                       options: list[bytes]) -> aiosmtplib.SMTPResponse:
         """MAIL or RCPT with `path` as it is written, once `_refusal` passed it:
         what aiosmtplib's `mail` and `rcpt` would write, without their parsing
         the address again."""
         line = b"%s:<%s>" % (field, path.encode(self._encoding))
-        return await self.client.execute_command(
-            verb, line, *(option.encode("ascii") for option in options))
+        return await self.client.execute_command(verb, line, *options)
 
     async def data(self, content: bytes, release: Release | None = None) -> Reply:
         try:
@@ -462,15 +464,26 @@ def _end_of_data(content: bytes) -> bytes:
     return b".\r\n" if not content or content.endswith(b"\r\n") else b"\r\n.\r\n"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 @functools.lru_cache(maxsize=4096)
 def _refusal(address: str) -> Reply | None:
     """Why `address` may not go upstream as it is written, or None.
 
-    aiosmtplib's check refuses an address that could add parameters or
-    commands to a command line. An address its parse reads as another
-    (`"x<CR>Bcc: y@z"@d` as `y@z`) is refused too: down the line it may be
-    read as that other, not the one the relay judged.
+    Refused: a control character, even quoted (down the line it may end the
+    command or a header); bytes that are not UTF-8 (aiosmtpd hands them over
+    as they came); what aiosmtplib's check refuses, an address that could
+    add parameters or commands to a command line; and an address its parse
+    reads as another (`"x<CR>Bcc: y@z"@d` as `y@z`), which down the line may
+    be read as that other, not the one the relay judged.
     """
+    if _CONTROL.search(address):
+        return Reply(553, "5.1.3 Address not accepted: it holds a control character")
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return Reply(553, "5.1.3 Address not accepted: it is not valid UTF-8")
     try:
         written = parse_address(address)
     except ValueError as exc:

@@ -343,17 +343,23 @@ INJECTIONS = [
     pytest.param('RCPT TO:<"ada\rBcc: victim@example.com"@applicant.test>', 553,
                  id="bare-CR-in-a-quoted-recipient"),
     pytest.param(f"RCPT TO:<{ADA}\x00victim@example.com>", 553, id="NUL-in-the-recipient"),
+    pytest.param('MAIL FROM:<"rita\x01"@example.com>', 553, id="control-in-a-quoted-sender"),
+    pytest.param("MAIL FROM:<rita\x7f@example.com>", 553, id="DEL-in-the-sender"),
+    pytest.param('RCPT TO:<"ada\x1f"@applicant.test>', 553, id="control-in-a-quoted-recipient"),
+    pytest.param(b"MAIL FROM:<rita\xff@example.com>", 553, id="a-sender-not-in-UTF-8"),
+    pytest.param(b"RCPT TO:<ada\xff@applicant.test>", 553, id="a-recipient-not-in-UTF-8"),
     pytest.param("RCPT TO:<ada@applicant.test\x1b[2J>", 501, id="escape-in-the-recipient"),
 ]
 
 
 @pytest.mark.parametrize(("command", "expected"), INJECTIONS)
 async def test_header_and_command_injection_in_addresses_never_reaches_the_upstream(
-        relay: Gateway, sink: Sink, team: Store, command: str, expected: int) -> None:
+        relay: Gateway, sink: Sink, team: Store, command: str | bytes, expected: int) -> None:
+    line = command if isinstance(command, bytes) else command.encode()
     wire = await Wire.open(relay.relay.port)
-    if command.startswith("RCPT"):
+    if line.startswith(b"RCPT"):
         assert code(await wire.send(f"MAIL FROM:<{RECRUITER}>\r\n".encode())) == 250
-    reply = await wire.send(command.encode() + b"\r\n")
+    reply = await wire.send(line + b"\r\n")
     assert code(reply) == expected, reply
     assert await wire.silent()
     assert code(await wire.send(b"RSET\r\n")) == 250
