@@ -1,7 +1,8 @@
 """Engines and sessions: one URL switches SQLite and PostgreSQL.
 
 SQLite is tuned for a mail gateway: WAL so readers never wait for the
-writer, commits flushed to disk so a committed capture survives a power cut,
+writer, commits flushed to disk (the hot path's by `Database.run`, after the
+commit) so a committed capture survives a power cut,
 `secure_delete` so erased mail is overwritten rather than left in free
 pages, and writers that take the lock up front (`BEGIN IMMEDIATE`) so two
 processes writing at once wait for each other instead of failing.
@@ -48,8 +49,9 @@ FOLD_BACKSTOP_PAGES = 10_000
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# How a transaction begins: a statement, or a function of the driver's connection.
-Begin = str | Callable[[Any], None]
+# Where the hot path's writer keeps the path of the write-ahead log it
+# flushes itself (in its connection's `info`).
+FLUSHED_LOG = "atsmail_flushed_log"
 
 
 def _is_sqlite(url: str) -> bool:
@@ -62,7 +64,7 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
-def _sqlite_sync_engine(url: str, begin: Begin | None, hot_writer: bool = False) -> Engine:
+def _sqlite_sync_engine(url: str, begin: str | None, hot_writer: bool = False) -> Engine:
     engine = create_engine(url.replace("+aiosqlite", "", 1),
                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
     _tune_sqlite(engine, begin, hot_writer)
@@ -74,9 +76,10 @@ def _begin_immediate(driver: sqlite3.Connection) -> None:
 
     SQLite's own wait (the busy timeout) sleeps a millisecond at the first
     refusal, then 2, 5, 10 and more, often long after the other write has
-    ended. With `serve --workers N` the processes take the store's write
-    lock in turns, and those sleeps left the CPU idle. Blocks its thread,
-    as SQLite's wait does: for the store's own threads only.
+    ended; this one sleeps 50 µs, doubling up to 1 ms. With `serve --workers
+    N` the processes take the store's write lock in turns, and SQLite's
+    sleeps left the CPU idle. Blocks its thread, as SQLite's wait does: for
+    the store's own threads only.
     """
     driver.execute("PRAGMA busy_timeout=0")
     try:
@@ -87,7 +90,9 @@ def _begin_immediate(driver: sqlite3.Connection) -> None:
                 driver.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                # The low byte: SQLITE_BUSY_RECOVERY and the like are busy too.
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() > deadline:
                     raise
             time.sleep(pause)
             pause = min(pause * 2, BUSY_LONGEST_PAUSE)
@@ -95,7 +100,10 @@ def _begin_immediate(driver: sqlite3.Connection) -> None:
         driver.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
-def _tune_sqlite(engine: Engine, begin: Begin | None, hot_writer: bool = False) -> None:
+def _tune_sqlite(engine: Engine, begin: str | None, hot_writer: bool = False) -> None:
+    """Settings for every connection `engine` makes; `begin` starts its
+    transactions. The hot path's writer (`hot_writer`) begins with
+    `_begin_immediate` and flushes the log itself (`Database.run`)."""
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
@@ -103,9 +111,17 @@ def _tune_sqlite(engine: Engine, begin: Begin | None, hot_writer: bool = False) 
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         logged = cursor.fetchone()[0] == "wal"
-        # The hot path's writes do not wait for the disk while they hold the
-        # write lock: `Database.run` flushes the log after them (`_flush_log`).
-        synchronous = "NORMAL" if hot_writer and logged else "FULL"
+        synchronous = "FULL"
+        if hot_writer and logged:
+            # Its commits do not wait for the disk while they hold the write
+            # lock: `Database.run` flushes the log after them. The log is
+            # beside the file SQLite opened, by the name it resolved (a
+            # symbolic link followed), not necessarily the name it was given.
+            cursor.execute("PRAGMA database_list")
+            opened = {name: file for _, name, file in cursor.fetchall()}.get("main")
+            if opened:
+                record.info[FLUSHED_LOG] = f"{opened}-wal"
+                synchronous = "NORMAL"
         pragmas = [f"synchronous={synchronous}", "secure_delete=ON", "foreign_keys=ON",
                    f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"]
         if hot_writer:
@@ -121,10 +137,30 @@ def _tune_sqlite(engine: Engine, begin: Begin | None, hot_writer: bool = False) 
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if isinstance(begin, str):
-            conn.exec_driver_sql(begin)
+        if hot_writer:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            _begin_immediate(driver)
         else:
-            begin(conn.connection.driver_connection)
+            conn.exec_driver_sql(begin)
+
+
+def _flush(log_file: str) -> None:
+    """Put the write-ahead log on disk, and with it every commit before.
+
+    What `synchronous=FULL` does inside each commit, done after it, with the
+    write lock free: the processes of `serve --workers N` do not wait for
+    each other's flushes. SQLite has written the commit to the log file
+    (only not yet to disk), and a crash that leaves part of it unwritten
+    undoes it whole: the log's checksums end at the last commit written in
+    full. Unlike FULL, other connections may see the commit before it is on
+    disk; a capture's own flushed commit takes every commit before it there.
+    """
+    fd = os.open(log_file, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 class Database:
@@ -154,9 +190,8 @@ class Database:
             self.reader = _sqlite_engine(url, "BEGIN")
             # The hot path's reads are single statements or tolerate a commit
             # between their statements, so they skip BEGIN/COMMIT entirely.
-            sync_begins: tuple[tuple[str, Begin | None], ...] = (
-                ("writer", _begin_immediate), ("reader", None), ("folder", None))
-            for name, begin in sync_begins:
+            for name, begin in (("writer", "BEGIN IMMEDIATE"), ("reader", None),
+                                ("folder", None)):
                 self._sync_engines[name] = _sqlite_sync_engine(
                     url, begin, hot_writer=name == "writer")
                 # One thread per engine: SQLite connections stay in the thread
@@ -193,12 +228,13 @@ class Database:
             try:
                 with conn.begin():
                     result = work(conn)
+                log_file = conn.info.get(FLUSHED_LOG)
+                if flush and log_file:
+                    _flush(log_file)
             except BaseException:
                 # Whatever state it was left in, the next run starts afresh.
                 self._release(name)
                 raise
-            if write and flush:
-                self._flush_log()
             return result
 
         result = await asyncio.get_running_loop().run_in_executor(
@@ -218,29 +254,6 @@ class Database:
         conn = self._held.pop(name, None)
         if conn is not None:
             conn.close()
-
-    def _flush_log(self) -> None:
-        """Put the write-ahead log on disk, and with it every commit before.
-
-        What `synchronous=FULL` does inside each commit, done after it: the
-        write lock is free meanwhile, so the processes of `serve --workers N`
-        do not wait for each other's flushes. SQLite has written the commit
-        to the log file (it is only not yet on disk), and a crash that
-        leaves part of it unwritten undoes it whole: the log's checksums end
-        at the last commit written in full.
-        """
-        path = self.sqlite_path
-        if path is None:
-            return  # in memory
-        log_path = path.with_name(path.name + "-wal")
-        try:
-            fd = os.open(log_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return  # not in WAL mode: its commits wait for the disk themselves
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
 
     def _fold_log_soon(self) -> None:
         """Start folding the write-ahead log into the database file, unless

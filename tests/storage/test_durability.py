@@ -40,16 +40,19 @@ asyncio.run(main(sys.argv[1], sys.argv[2] == "flush"))
 CALL = re.compile(r"^(\d+)\s+(\w+)\((\d+)<([^>]*)>(.*)$")
 
 
-def calls_between_the_markers(path: Path, flush: bool, tmp_path: Path) -> list[list[str]]:
+def calls_between_the_markers(store: Path, log: Path, flush: bool,
+                              tmp_path: Path) -> list[list[str]]:
     """For each write: the system calls ("name path") of the thread that wrote
     it to the log, from WRITE to RETURNED. (The store's other threads, such
     as the one that folds the log into the database, flush it on their own
     schedule.)"""
     trace = tmp_path / "trace"
-    subprocess.run(["strace", "-f", "-y", "-o", str(trace),
-                    "-e", "trace=write,pwrite64,fsync,fdatasync",
-                    sys.executable, "-c", SCRIPT, str(path), "flush" if flush else "no"],
-                   check=True, capture_output=True, timeout=60)
+    run = subprocess.run(["strace", "-f", "-y", "-o", str(trace),
+                          "-e", "trace=write,pwrite64,fsync,fdatasync",
+                          sys.executable, "-c", SCRIPT, str(store), "flush" if flush else "no"],
+                         capture_output=True, text=True, timeout=60)
+    require_peer("ptrace" not in run.stderr, f"strace cannot trace here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
     writes: list[list[str]] = []
     current: list[tuple[str, str]] | None = None
     for line in trace.read_text().splitlines():
@@ -61,7 +64,7 @@ def calls_between_the_markers(path: Path, flush: bool, tmp_path: Path) -> list[l
             if "WRITE" in rest:
                 current = []
             elif "RETURNED" in rest and current is not None:
-                writer = next(t for t, call in current if call == f"pwrite64 {path}-wal")
+                writer = next(t for t, call in current if call == f"pwrite64 {log}")
                 writes.append([call for t, call in current if t == writer])
                 current = None
         elif current is not None:
@@ -78,8 +81,25 @@ def strace() -> None:
 def test_a_flushed_write_reaches_the_disk_after_its_commit_before_run_returns(
         tmp_path: Path) -> None:
     store = tmp_path / "store.db"
-    log = f"{store}-wal"
-    writes = calls_between_the_markers(store, flush=True, tmp_path=tmp_path)
+    assert_flushed_after_each_commit(
+        calls_between_the_markers(store, Path(f"{store}-wal"), flush=True, tmp_path=tmp_path),
+        Path(f"{store}-wal"))
+
+
+@pytest.mark.usefixtures("strace")
+def test_the_log_flushed_is_the_one_sqlite_writes_beside_a_linked_store(
+        tmp_path: Path) -> None:
+    # SQLite follows the link and keeps its log beside the file it opened.
+    real = tmp_path / "data" / "store.db"
+    real.parent.mkdir()
+    link = tmp_path / "store.db"
+    link.symlink_to(real)
+    log = Path(f"{real}-wal")
+    assert_flushed_after_each_commit(
+        calls_between_the_markers(link, log, flush=True, tmp_path=tmp_path), log)
+
+
+def assert_flushed_after_each_commit(writes: list[list[str]], log: Path) -> None:
     assert len(writes) == 3
     for calls in writes:
         commit = max(i for i, call in enumerate(calls) if call == f"pwrite64 {log}")
@@ -89,7 +109,8 @@ def test_a_flushed_write_reaches_the_disk_after_its_commit_before_run_returns(
 @pytest.mark.usefixtures("strace")
 def test_a_write_not_flushed_leaves_the_log_to_a_later_flush(tmp_path: Path) -> None:
     store = tmp_path / "store.db"
-    writes = calls_between_the_markers(store, flush=False, tmp_path=tmp_path)
+    writes = calls_between_the_markers(store, Path(f"{store}-wal"), flush=False,
+                                       tmp_path=tmp_path)
     assert len(writes) == 3
     # (SQLite flushes the log's header itself when it starts writing the log
     # from its beginning, as in the first write.)
