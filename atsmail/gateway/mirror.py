@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from atsmail.config import Config
 from atsmail.gateway.credentials import Credentials, CredentialsError, CredentialsRefusedError
 from atsmail.gateway.imap import ImapAuthError, ImapError, ImapSession, imap_date
-from atsmail.rules import Context, MessageFacts, decide, read_message
+from atsmail.rules import Context, MessageFacts, decide, read_message, vetoed
 from atsmail.rules.message import might_forward
 from atsmail.rules.prefilter import passed_over
 from atsmail.secrets import SecretError
@@ -269,7 +269,7 @@ class Watcher:
             if why == "internal" and forwards_count:
                 unclear.append(uid)
             elif why is None and (facts := self._read(data, folder, uid)) is not None:
-                if not decide(facts, quick, stop_at_veto=True).vetoed:
+                if vetoed(facts, quick) is None:
                     open_.append((uid, facts))
         wanted: list[int] = []
         if open_:

@@ -41,7 +41,7 @@ from atsmail.gateway.upstream import (
     UpstreamSession,
     open_session,
 )
-from atsmail.rules import Context, Decision, MessageFacts, decide, read_message
+from atsmail.rules import Context, Decision, MessageFacts, decide, read_message, vetoed
 from atsmail.rules.addresses import in_domains, try_normalize
 from atsmail.storage import Capture, CaptureWriter, Prepared, Store, lookup
 from atsmail.storage.access import relay_logins, token_digest
@@ -761,16 +761,16 @@ class Relay:
         # (bulk, or no team member taking part): no store read for it, and
         # its body, attachments and all, is never parsed (the rules read it
         # only past those vetoes, for a forward).
-        context = Context(internal_domains=directory.domains, team=directory.team,
-                          capture_forwards=forwards)
-        if facts.size > PARSE_IN_THREAD_ABOVE:
-            quick = await asyncio.to_thread(decide, facts, context, True)
-        else:
-            quick = decide(facts, context, stop_at_veto=True)
-        if quick.vetoed:
+        quick = vetoed(facts, Context(internal_domains=directory.domains, team=directory.team,
+                                      capture_forwards=forwards))
+        if quick is not None:
             return quick
 
         async def full() -> Decision:
+            if facts.size > PARSE_IN_THREAD_ABOVE:
+                # The body is read for a forward (the look-up wants its
+                # addresses), not on the loop's thread nor the store's.
+                await asyncio.to_thread(getattr, facts, "forward")
             context = await self.store.db.run(lambda conn: lookup.context_for(
                 conn, facts, directory, forwards, ats_inbox=inbox), write=False)
             return decide(facts, context)

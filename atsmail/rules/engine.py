@@ -43,6 +43,9 @@ class Verdict:
 class Rule(Protocol):
     name: str
     description: str
+    # Whether its verdict may veto: a walk that only asks whether a message
+    # is vetoed stops after the last rule that may.
+    can_veto: bool
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict: ...
 
@@ -81,7 +84,7 @@ class Decision:
 def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
              stop_at_veto: bool = False) -> Decision:
     """Run `rules` in order. With `stop_at_veto` the walk ends at the first
-    veto and the trace is partial: for callers that only need the outcome."""
+    veto and the trace is partial."""
     trace: list[TraceEntry] = []
     candidates: dict[str, None] = {}
     excluded: set[str] = set()
@@ -95,6 +98,8 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
         verdict = rule.check(msg, ctx)
         trace.append(TraceEntry(rule.name, "hit" if verdict.hit else "miss", verdict.reasons))
         if verdict.veto:
+            if not rule.can_veto:
+                raise TypeError(f"rule {rule.name} vetoed but does not declare can_veto")
             vetoes.append(rule.name)
             if stop_at_veto:
                 break
@@ -122,3 +127,12 @@ def evaluate(msg: MessageFacts, ctx: Context, rules: Sequence[Rule],
         vetoed=bool(vetoes),
         intake=None if vetoes else intake,
     )
+
+
+def evaluate_vetoes(msg: MessageFacts, ctx: Context, rules: Sequence[Rule]) -> Decision | None:
+    """The decision when a rule vetoes capture (its trace ends at that veto),
+    else None. Walks only as far as the last rule that can veto: for callers
+    that judge the message in full, with a fuller context, when it is not."""
+    last = max((i for i, rule in enumerate(rules) if rule.can_veto), default=-1)
+    decision = evaluate(msg, ctx, rules[:last + 1], stop_at_veto=True)
+    return decision if decision.vetoed else None

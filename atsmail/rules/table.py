@@ -21,6 +21,7 @@ def _names(candidates: list[CandidateInfo] | set[str]) -> str:
 
 class Bulk:
     name = "bulk"
+    can_veto = True
     description = "Mailing-list and bulk mail is never captured."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
@@ -38,6 +39,7 @@ class Bulk:
 
 class Direction:
     name = "direction"
+    can_veto = False
     description = ("Outbound when the From address is internal (or the mailbox folder is an "
                    "outgoing one), inbound otherwise.")
 
@@ -55,6 +57,7 @@ class Direction:
 
 class TeamScope:
     name = "team-scope"
+    can_veto = True
     description = "Only conversations that a team member takes part in are captured."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
@@ -72,6 +75,7 @@ class TeamScope:
 
 class ThreadLink:
     name = "thread-link"
+    can_veto = False
     description = "A reply to a captured message joins that message's thread and candidates."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
@@ -98,6 +102,7 @@ class ThreadLink:
 
 class CandidateMatch:
     name = "candidate-match"
+    can_veto = False
     description = "A non-internal participant is one of a candidate's addresses."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
@@ -116,6 +121,7 @@ class CandidateMatch:
 
 class ForwardOfCandidate:
     name = "forward"
+    can_veto = False
     description = "Forwarding a candidate's mail starts a new thread on that candidate."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
@@ -149,6 +155,7 @@ class ForwardOfCandidate:
 
 class AtsInbox:
     name = "ats-inbox"
+    can_veto = False
     description = ("Mail forwarded to the ATS inbox address makes the forwarded original's "
                    "sender a candidate.")
 
@@ -174,6 +181,7 @@ class AtsInbox:
 
 class ArchivedJobs:
     name = "archived-jobs"
+    can_veto = False
     description = "A candidate whose every job is archived is no longer captured for."
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from atsmail.rules import CandidateInfo, Context, KnownMessage, decide, read_message
+from atsmail.rules import CandidateInfo, Context, KnownMessage, decide, read_message, vetoed
 from atsmail.rules.prefilter import never_captured
 
 # A store's worth of context, so that every rule has something to compare.
@@ -42,7 +42,7 @@ def check(data: bytes) -> None:
     _ = (facts.participants, facts.thread_ids, facts.capture_key, facts.forwards,
          facts.is_reply)
     decide(facts, CONTEXT)
-    decide(facts, CONTEXT, stop_at_veto=True)
+    vetoed(facts, CONTEXT)
     never_captured(data, CONTEXT)
 
 

@@ -29,6 +29,7 @@ from atsmail.rules import (
     decide,
     evaluate,
     read_message,
+    vetoed,
 )
 
 DATA = Path(__file__).parent.parent / "data"
@@ -720,21 +721,38 @@ def test_deciding_rules(msg: Msg, deciding: tuple[str, ...]) -> None:
     assert msg.decide().deciding_rules == deciding
 
 
-@pytest.mark.parametrize(("msg", "walked", "vetoed"), [
-    pytest.param(Msg({"From": ADA, "To": RITA, "List-Id": "<l.test>"}), ("bulk",), True,
+@pytest.mark.parametrize(("msg", "walked"), [
+    pytest.param(Msg({"From": ADA, "To": RITA, "List-Id": "<l.test>"}), ("bulk",),
                  id="bulk-stops-at-once"),
     pytest.param(Msg({"From": ADA, "To": "bob@example.com"}),
-                 ("bulk", "direction", "team-scope"), True, id="team-scope-stops-there"),
-    pytest.param(Msg({"From": ADA, "To": RITA}), RULE_NAMES, False, id="no-veto-walks-all"),
+                 ("bulk", "direction", "team-scope"), id="team-scope-stops-there"),
 ])
-def test_stop_at_veto(msg: Msg, walked: tuple[str, ...], vetoed: bool) -> None:
+def test_vetoed_stops_at_the_veto(msg: Msg, walked: tuple[str, ...]) -> None:
     facts = read_message(msg.raw())
     ctx = context_for(facts)
-    full, quick = decide(facts, ctx), decide(facts, ctx, stop_at_veto=True)
+    full, quick = decide(facts, ctx), vetoed(facts, ctx)
+    assert quick is not None and full.vetoed
     assert tuple(t.rule for t in quick.trace) == walked
-    assert quick.vetoed is full.vetoed is vetoed
-    assert (quick.capture, quick.candidates, quick.thread_id, quick.deciding_rules[:1]) == (
-        full.capture, full.candidates, full.thread_id, full.deciding_rules[:1])
+    assert (quick.capture, quick.candidates, quick.thread_id, quick.direction,
+            quick.deciding_rules[:1]) == (full.capture, full.candidates, full.thread_id,
+                                          full.direction, full.deciding_rules[:1])
+
+
+def test_vetoed_walks_no_further_than_the_last_rule_that_can_veto() -> None:
+    # A forward that no rule vetoes: the rules past team-scope, which would
+    # read its body, are left to the full walk.
+    facts = read_message(mail({"From": ADA, "To": RITA, "Subject": "Fwd: CV"}))
+    assert vetoed(facts, Context(internal_domains=DOMAINS, team=TEAM)) is None
+    assert "forward" not in facts.__dict__
+    assert not decide(facts, context_for(facts)).vetoed
+    assert max(i for i, rule in enumerate(RULES) if rule.can_veto) < RULE_NAMES.index(
+        "thread-link")
+
+
+def test_a_veto_from_a_rule_that_cannot_veto_is_an_error() -> None:
+    facts = read_message(b"From: a@b.test\r\n\r\n")
+    with pytest.raises(TypeError, match="r0 vetoed"):
+        evaluate(facts, Context(), [Stub("r0", miss(veto=True), can_veto=False)])
 
 
 def test_trace_as_explain_json() -> None:
@@ -768,6 +786,7 @@ class Stub:
     name: str
     verdict: Verdict
     description: str = "a stand-in rule"
+    can_veto: bool = True
 
     def check(self, msg: MessageFacts, ctx: Context) -> Verdict:
         return self.verdict
