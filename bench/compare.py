@@ -7,6 +7,9 @@ loads along three paths, each ending in Postfix's `smtp-sink`:
 - smtp-source → smtp-sink (what the machine and the tools can do);
 - smtp-source → Postfix (a private instance: `relayhost` the sink, its own
   queue, as in `bench/crash.py`) → smtp-sink;
+- smtp-source → a bare aiosmtpd→aiosmtplib proxy, N processes (`bench/relay.py`'s:
+  no store, no rules, nothing captured) → smtp-sink: what any before-queue
+  proxy on atsmail's stack does at best;
 - smtp-source → `atsmail serve --workers N` (capture on: every message is
   candidate mail) → smtp-sink;
 - with `--behind-postfix`, also smtp-source → a second Postfix whose
@@ -59,6 +62,7 @@ from relay import (
     seed_store,
     start_sink,
     stop_process,
+    this_script,
     wait_for_port,
     workspace,
     write_relay_config,
@@ -181,6 +185,11 @@ def run(opts: argparse.Namespace) -> int:
             gateway, log = procs.start("gateway", [*atsmail, "serve", "--workers",
                                                    str(opts.workers)])
             wait_for_port(relay_port, gateway, log)
+            proxy_port = free_port()
+            for n in range(opts.workers):
+                proxy, proxy_log = procs.start(f"proxy-{n}", this_script(
+                    "_proxy", proxy_port, sink_port, "shared"))
+                wait_for_port(proxy_port, proxy, proxy_log)
             postfix = Postfix(workdir / "postfix", mta_port, sink_port)
             postfix.start(procs)
             if opts.behind_postfix:
@@ -193,7 +202,8 @@ def run(opts: argparse.Namespace) -> int:
             print(f"\natsmail serve --workers {opts.workers}; every message candidate mail; "
                   f"messages/s as smtp-source saw them\n")
             header = ("size", "sessions", "messages", "sink", "Postfix accepted",
-                      "Postfix delivered", "atsmail", "atsmail / Postfix")
+                      "Postfix delivered", "bare proxy", "bare proxy / Postfix", "atsmail",
+                      "atsmail / Postfix")
             if behind is not None:
                 header += ("Postfix → atsmail delivered", "its / Postfix delivered")
             print(" | ".join(header))
@@ -205,10 +215,12 @@ def run(opts: argparse.Namespace) -> int:
                     direct = count / smtp_source(sink_port, sessions, count, size, to)
                     accepted, delivered = delivered_rate(postfix, mta_port, sessions, count,
                                                          size, to)
+                    bare = count / smtp_source(proxy_port, sessions, count, size, to)
                     relayed = count / smtp_source(relay_port, sessions, count, size, to)
                     sent += count
                     row = (f"{size:,} | {sessions} | {count} | {direct:,.0f} | {accepted:,.0f} | "
-                           f"{delivered:,.0f} | {relayed:,.0f} | {relayed / delivered:.2f}")
+                           f"{delivered:,.0f} | {bare:,.0f} | {bare / delivered:.2f} | "
+                           f"{relayed:,.0f} | {relayed / delivered:.2f}")
                     if behind is not None:
                         _, chained = delivered_rate(behind, behind_port, sessions, count,
                                                     size, to)

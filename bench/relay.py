@@ -14,8 +14,9 @@ event loop:
   a `policy-rc.d` that exits 101 in place first), else a minimal aiosmtpd sink
   started from this file;
 - the bare proxy, written here: aiosmtpd in front, aiosmtplib behind, MAIL,
-  RCPT and DATA passed on in lockstep, one upstream connection per client
-  connection, no parsing and no capture;
+  RCPT and DATA passed on in lockstep, no parsing and no capture; on
+  uvloop, with upstream connections kept from one client connection to the
+  next, as the relay runs and keeps them;
 - the atsmail relay: `python -m atsmail serve` on a generated config in a
   temporary directory, with an SQLite store made by `atsmail init` and seeded
   with a team member (recruiter@company.test), an internal domain
@@ -204,19 +205,33 @@ def run_aiosmtpd_sink(port: int) -> None:
     asyncio.run(main())
 
 
-def run_bare_proxy(port: int, upstream_port: int) -> None:
-    """aiosmtpd → aiosmtplib in lockstep: the floor any before-queue proxy pays."""
+def run_bare_proxy(port: int, upstream_port: int, shared: bool = False) -> None:
+    """aiosmtpd → aiosmtplib in lockstep: the floor any before-queue proxy pays.
+
+    Given what the relay has for speed and is not proxying itself: uvloop,
+    and upstream connections kept from one client connection to the next.
+    `shared`: several such processes listen on the port (SO_REUSEPORT).
+    """
     import aiosmtplib
+    import uvloop
     from aiosmtpd.smtp import SMTP, Envelope, Session
+
+    idle: list[aiosmtplib.SMTP] = []
 
     class ProxyProtocol(SMTP):
         upstream: aiosmtplib.SMTP | None = None
+        # A transaction begun upstream and not ended: its connection is not reused.
+        open_transaction = False
 
         def connection_lost(self, error: Exception | None) -> None:
             super().connection_lost(error)
-            if self.upstream is not None:
-                self.upstream.close()
-                self.upstream = None
+            upstream, self.upstream = self.upstream, None
+            if upstream is None:
+                return
+            if upstream.is_connected and not self.open_transaction:
+                idle.append(upstream)
+            else:
+                upstream.close()
 
     def answer(exc: aiosmtplib.SMTPException) -> str:
         if isinstance(exc, aiosmtplib.SMTPResponseException):
@@ -228,11 +243,15 @@ def run_bare_proxy(port: int, upstream_port: int) -> None:
                               envelope: Envelope, address: str,
                               mail_options: list[str]) -> str:
             try:
+                while server.upstream is None and idle:
+                    kept = idle.pop()
+                    server.upstream = kept if kept.is_connected else None
                 if server.upstream is None or not server.upstream.is_connected:
                     server.upstream = aiosmtplib.SMTP(
                         hostname=HOST, port=upstream_port, start_tls=False,
                         local_hostname="proxy.bench.test", timeout=REPLY_TIMEOUT)
                     await server.upstream.connect()
+                server.open_transaction = True
                 reply = await server.upstream.mail(address)
             except aiosmtplib.SMTPException as exc:
                 return answer(exc)
@@ -260,6 +279,7 @@ def run_bare_proxy(port: int, upstream_port: int) -> None:
                 reply = await server.upstream.data(envelope.original_content or b"")
             except aiosmtplib.SMTPException as exc:
                 return answer(exc)
+            server.open_transaction = False
             return f"{reply.code} {reply.message}"
 
         async def handle_RSET(self, server: ProxyProtocol, session: Session,
@@ -267,6 +287,7 @@ def run_bare_proxy(port: int, upstream_port: int) -> None:
             if server.upstream is not None and server.upstream.is_connected:
                 with contextlib.suppress(aiosmtplib.SMTPException):
                     await server.upstream.rset()
+                    server.open_transaction = False
             return "250 2.0.0 Ok"
 
     async def main() -> None:
@@ -274,10 +295,11 @@ def run_bare_proxy(port: int, upstream_port: int) -> None:
         handler = Proxy()
         server = await loop.create_server(
             lambda: ProxyProtocol(handler, hostname="proxy.bench.test", ident="bench-proxy"),
-            host=HOST, port=port, backlog=512)
+            host=HOST, port=port, backlog=512, reuse_port=shared)
         await serve_until_signal(server)
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 async def serve_until_signal(server: asyncio.Server) -> None:
@@ -807,7 +829,7 @@ def main(argv: Sequence[str]) -> int:
         run_aiosmtpd_sink(int(argv[1]))
         return 0
     if argv and argv[0] == "_proxy":
-        run_bare_proxy(int(argv[1]), int(argv[2]))
+        run_bare_proxy(int(argv[1]), int(argv[2]), shared=argv[3:] == ["shared"])
         return 0
     if argv and argv[0] == "_load":
         run_load_process(argv[1:])

@@ -66,7 +66,7 @@ def test_the_postfix_comparison_runs_every_path_and_captures_every_message() -> 
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("10,240 |")]
-    assert len(rows) == 1 and len(rows[0]) == 10, done.stdout
+    assert len(rows) == 1 and len(rows[0]) == 12, done.stdout
     assert "added at p99" in done.stdout
     # Every message of every path through atsmail, captured once.
     assert "captured 50 messages; expected 50" in done.stdout, done.stdout
