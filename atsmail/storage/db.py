@@ -64,14 +64,14 @@ def _sqlite_engine(url: str, begin: str) -> AsyncEngine:
     return engine
 
 
-def _sqlite_sync_engine(url: str, begin: str | None, hot_writer: bool = False) -> Engine:
+def _sqlite_sync_engine(url: str, hot_writer: bool = False) -> Engine:
     engine = create_engine(url.replace("+aiosqlite", "", 1),
                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-    _tune_sqlite(engine, begin, hot_writer)
+    _tune_sqlite(engine, None, hot_writer)
     return engine
 
 
-def _begin_immediate(driver: sqlite3.Connection) -> None:
+def _begin_immediate(conn: Connection) -> None:
     """BEGIN IMMEDIATE, waiting for another process's write in short steps.
 
     SQLite's own wait (the busy timeout) sleeps a millisecond at the first
@@ -81,6 +81,8 @@ def _begin_immediate(driver: sqlite3.Connection) -> None:
     sleeps left the CPU idle. Blocks its thread, as SQLite's wait does: for
     the store's own threads only.
     """
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection)
     driver.execute("PRAGMA busy_timeout=0")
     try:
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
@@ -102,8 +104,9 @@ def _begin_immediate(driver: sqlite3.Connection) -> None:
 
 def _tune_sqlite(engine: Engine, begin: str | None, hot_writer: bool = False) -> None:
     """Settings for every connection `engine` makes; `begin` starts its
-    transactions. The hot path's writer (`hot_writer`) begins with
-    `_begin_immediate` and flushes the log itself (`Database.run`)."""
+    transactions (None: the driver's autocommit, or `Database.run`'s BEGIN).
+    The hot path's writer (`hot_writer`) is begun with `_begin_immediate`
+    and flushes the log itself, in `Database.run`."""
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         # Take transaction control away from the driver so BEGIN is ours.
@@ -137,12 +140,7 @@ def _tune_sqlite(engine: Engine, begin: str | None, hot_writer: bool = False) ->
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        if hot_writer:
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            _begin_immediate(driver)
-        else:
-            conn.exec_driver_sql(begin)
+        conn.exec_driver_sql(begin)
 
 
 def _flush(log_file: str) -> None:
@@ -190,10 +188,11 @@ class Database:
             self.reader = _sqlite_engine(url, "BEGIN")
             # The hot path's reads are single statements or tolerate a commit
             # between their statements, so they skip BEGIN/COMMIT entirely.
-            for name, begin in (("writer", "BEGIN IMMEDIATE"), ("reader", None),
-                                ("folder", None)):
+            # Its writer's transactions are begun by `run` (an engine event
+            # would be dispatched on every statement).
+            for name in ("writer", "reader", "folder"):
                 self._sync_engines[name] = _sqlite_sync_engine(
-                    url, begin, hot_writer=name == "writer")
+                    url, hot_writer=name == "writer")
                 # One thread per engine: SQLite connections stay in the thread
                 # that made them, and the writer serialises writes anyway.
                 self._threads[name] = ThreadPoolExecutor(
@@ -227,6 +226,8 @@ class Database:
             conn = self._connection(name)
             try:
                 with conn.begin():
+                    if write:
+                        _begin_immediate(conn)
                     result = work(conn)
                 log_file = conn.info.get(FLUSHED_LOG)
                 if flush and log_file:

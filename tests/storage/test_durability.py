@@ -1,4 +1,5 @@
-"""A write that `Database.run` flushes is on disk before `run` returns.
+"""A write that `Database.run` flushes is on disk before `run` returns, and
+its transaction holds SQLite's write lock from its start.
 
 The hot path's SQLite writer commits without waiting for the disk, so that
 the processes of `serve --workers N` do not hold the write lock through
@@ -10,17 +11,21 @@ fail at the system call.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Connection
 
-from atsmail.storage.db import Database
+from atsmail.storage import db as db_module
+from atsmail.storage.db import SQLITE_BUSY_TIMEOUT_MS, Database
 from tests.conftest import require_peer
 
 SCRIPT = """
@@ -144,4 +149,81 @@ async def test_a_failed_flush_fails_the_write_and_the_store_goes_on(
         # not known to be on disk until the second's flush.
         assert rows == [1, 2]
     finally:
+        await db.close()
+
+
+# --- the write lock ----------------------------------------------------------------------
+
+
+async def test_a_write_holds_the_write_lock_from_its_start(tmp_path: Path) -> None:
+    # BEGIN IMMEDIATE: two processes' writes never interleave, and none
+    # learns only at its first change that another process got there first.
+    path = tmp_path / "store.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    try:
+        await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x)"), write=True)
+        seen: list[str] = []
+
+        def work(conn: Connection) -> None:
+            # No statement yet, and the lock is this transaction's.
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                seen.append(str(exc))
+            else:
+                other.execute("ROLLBACK")
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+
+        await db.run(work, write=True)
+        assert seen == ["database is locked"]
+    finally:
+        other.close()
+        await db.close()
+
+
+async def test_a_write_waits_for_another_process_s_write_then_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x)"), write=True)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t VALUES ('other')")
+        write = asyncio.create_task(db.run(
+            lambda c: c.exec_driver_sql("INSERT INTO t VALUES ('ours')"), write=True))
+        await asyncio.sleep(0.3)
+        assert not write.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(write, 10)
+        rows = await db.run(lambda c: c.exec_driver_sql("SELECT x FROM t").scalars().all(),
+                            write=False)
+        assert rows == ["other", "ours"]
+        # SQLite's own wait is back for what the writer does inside its
+        # transactions.
+        assert await db.run(lambda c: c.exec_driver_sql("PRAGMA busy_timeout").scalar(),
+                            write=True) == SQLITE_BUSY_TIMEOUT_MS
+    finally:
+        other.close()
+        await db.close()
+
+
+async def test_a_write_gives_up_when_the_lock_stays_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    path = tmp_path / "store.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x)"), write=True)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (1)"), write=True)
+        other.execute("COMMIT")
+        # The store goes on once the lock is free.
+        await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (2)"), write=True)
+        assert await db.run(lambda c: c.exec_driver_sql("SELECT x FROM t").scalars().all(),
+                            write=False) == [2]
+    finally:
+        other.close()
         await db.close()
