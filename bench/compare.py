@@ -11,7 +11,8 @@ loads along three paths, each ending in Postfix's `smtp-sink`:
   no store, no rules, nothing captured) → smtp-sink: what any before-queue
   proxy on atsmail's stack does at best;
 - smtp-source → `atsmail serve --workers N` (capture on: every message is
-  candidate mail) → smtp-sink;
+  candidate mail, or with `--recipient outside` mail from a recruiter to
+  someone outside who is no candidate) → smtp-sink;
 - with `--behind-postfix`, also smtp-source → a second Postfix whose
   `relayhost` is atsmail → atsmail → smtp-sink: the company MTA with
   atsmail put behind it, as deployed, against the same MTA straight to the
@@ -69,6 +70,9 @@ from relay import (
 )
 
 SEED_CHUNK = 20_000
+# Outside the company, and no candidate: the rules look the address up and
+# pass the message on uncaptured.
+OUTSIDE = "someone@elsewhere.test"
 
 
 def seed_many(config: Path, candidates: int) -> None:
@@ -198,8 +202,11 @@ def run(opts: argparse.Namespace) -> int:
                 behind.start(procs)
             time.sleep(2)  # let the relay workers start too
 
-            to = candidate_address(opts.candidates - 1)
-            print(f"\natsmail serve --workers {opts.workers}; every message candidate mail; "
+            candidate = opts.recipient == "candidate"
+            to = candidate_address(opts.candidates - 1) if candidate else OUTSIDE
+            kind = ("every message candidate mail" if candidate else "every message to "
+                    "someone outside who is no candidate (looked up, not captured)")
+            print(f"\natsmail serve --workers {opts.workers}; {kind}; "
                   f"messages/s as smtp-source saw them\n")
             header = ("size", "sessions", "messages", "sink", "Postfix accepted",
                       "Postfix delivered", "bare proxy", "bare proxy / Postfix", "atsmail",
@@ -232,7 +239,7 @@ def run(opts: argparse.Namespace) -> int:
                 print_latency(sink_port, mta_port, relay_port, opts)
             stop_process(gateway)
             captured, _ = captured_count(config)
-            expected = sent + opts.latency_messages // 2
+            expected = (sent if candidate else 0) + opts.latency_messages // 2
             print(f"captured {captured} messages; expected {expected}")
             return 0 if captured == expected else 1
         finally:
@@ -251,6 +258,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--bytes", type=int, default=40 * 1024 * 1024,
                         help="bytes to send per cell (messages = bytes / size)")
     parser.add_argument("--candidates", type=int, default=1000)
+    parser.add_argument("--recipient", choices=("candidate", "outside"), default="candidate",
+                        help="whom the recruiter's messages go to: a candidate (captured), or "
+                             "someone outside who is no candidate (looked up, passed on)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--latency-messages", type=int, default=500,
                         help="messages in the latency run (0: no latency run)")
