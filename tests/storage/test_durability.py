@@ -19,6 +19,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,11 @@ def test_a_write_not_flushed_leaves_the_log_to_a_later_flush(tmp_path: Path) -> 
         assert not [call for call in calls if call.startswith(("fsync", "fdatasync"))], calls
 
 
+async def rows(db: Database) -> list[object]:
+    return await db.run(lambda c: c.exec_driver_sql("SELECT x FROM t").scalars().all(),
+                        write=False)
+
+
 async def test_a_failed_flush_fails_the_write_and_the_store_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Not reported, the write would be answered as kept (250) while not on disk.
@@ -143,11 +149,9 @@ async def test_a_failed_flush_fails_the_write_and_the_store_goes_on(
             await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (1)"), write=True)
         monkeypatch.undo()
         await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (2)"), write=True)
-        rows = await db.run(lambda c: c.exec_driver_sql("SELECT x FROM t").scalars().all(),
-                            write=False)
         # The first was committed before its flush failed: it is there, only
         # not known to be on disk until the second's flush.
-        assert rows == [1, 2]
+        assert await rows(db) == [1, 2]
     finally:
         await db.close()
 
@@ -155,75 +159,68 @@ async def test_a_failed_flush_fails_the_write_and_the_store_goes_on(
 # --- the write lock ----------------------------------------------------------------------
 
 
-async def test_a_write_holds_the_write_lock_from_its_start(tmp_path: Path) -> None:
-    # BEGIN IMMEDIATE: two processes' writes never interleave, and none
-    # learns only at its first change that another process got there first.
+@pytest.fixture
+async def rival(tmp_path: Path) -> AsyncIterator[tuple[Database, sqlite3.Connection]]:
+    """A store with a table `t`, and a connection of another's to it (to
+    SQLite's locks, as good as another process)."""
     path = tmp_path / "store.db"
     db = Database(f"sqlite+aiosqlite:///{path}")
     other = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
     try:
         await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x)"), write=True)
-        seen: list[str] = []
-
-        def work(conn: Connection) -> None:
-            # No statement yet, and the lock is this transaction's.
-            try:
-                other.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                seen.append(str(exc))
-            else:
-                other.execute("ROLLBACK")
-            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
-
-        await db.run(work, write=True)
-        assert seen == ["database is locked"]
+        yield db, other
     finally:
         other.close()
         await db.close()
 
 
-async def test_a_write_waits_for_another_process_s_write_then_goes_on(tmp_path: Path) -> None:
-    path = tmp_path / "store.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x)"), write=True)
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("INSERT INTO t VALUES ('other')")
-        write = asyncio.create_task(db.run(
-            lambda c: c.exec_driver_sql("INSERT INTO t VALUES ('ours')"), write=True))
-        await asyncio.sleep(0.3)
-        assert not write.done()
-        other.execute("COMMIT")
-        await asyncio.wait_for(write, 10)
-        rows = await db.run(lambda c: c.exec_driver_sql("SELECT x FROM t").scalars().all(),
-                            write=False)
-        assert rows == ["other", "ours"]
-        # SQLite's own wait is back for what the writer does inside its
-        # transactions.
-        assert await db.run(lambda c: c.exec_driver_sql("PRAGMA busy_timeout").scalar(),
-                            write=True) == SQLITE_BUSY_TIMEOUT_MS
-    finally:
-        other.close()
-        await db.close()
+async def test_a_write_holds_the_write_lock_from_its_start(
+        rival: tuple[Database, sqlite3.Connection]) -> None:
+    # BEGIN IMMEDIATE: two processes' writes never interleave, and none
+    # learns only at its first change that another process got there first.
+    db, other = rival
+    seen: list[str] = []
+
+    def work(conn: Connection) -> None:
+        # No statement yet, and the lock is this transaction's.
+        try:
+            other.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            seen.append(str(exc))
+        else:
+            other.execute("ROLLBACK")
+        conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+
+    await db.run(work, write=True)
+    assert seen == ["database is locked"]
+
+
+async def test_a_write_waits_for_another_process_s_write_then_goes_on(
+        rival: tuple[Database, sqlite3.Connection]) -> None:
+    db, other = rival
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES ('other')")
+    write = asyncio.create_task(db.run(
+        lambda c: c.exec_driver_sql("INSERT INTO t VALUES ('ours')"), write=True))
+    await asyncio.sleep(0.3)
+    assert not write.done()
+    other.execute("COMMIT")
+    await asyncio.wait_for(write, 10)
+    assert await rows(db) == ["other", "ours"]
+    # SQLite's own wait is back for what the writer does inside its
+    # transactions.
+    assert await db.run(lambda c: c.exec_driver_sql("PRAGMA busy_timeout").scalar(),
+                        write=True) == SQLITE_BUSY_TIMEOUT_MS
 
 
 async def test_a_write_gives_up_when_the_lock_stays_taken(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        rival: tuple[Database, sqlite3.Connection], monkeypatch: pytest.MonkeyPatch) -> None:
+    db, other = rival
     monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 300)
-    path = tmp_path / "store.db"
-    db = Database(f"sqlite+aiosqlite:///{path}")
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        await db.run(lambda c: c.exec_driver_sql("CREATE TABLE t (x)"), write=True)
-        other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
-            await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (1)"), write=True)
-        other.execute("COMMIT")
-        # The store goes on once the lock is free.
-        await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (2)"), write=True)
-        assert await db.run(lambda c: c.exec_driver_sql("SELECT x FROM t").scalars().all(),
-                            write=False) == [2]
-    finally:
-        other.close()
-        await db.close()
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (1)"), write=True)
+    other.execute("COMMIT")
+    # The store goes on once the lock is free.
+    await db.run(lambda c: c.exec_driver_sql("INSERT INTO t VALUES (2)"), write=True)
+    assert await rows(db) == [2]
