@@ -2,7 +2,7 @@
 
 Why: atsmail sits in the path of all company mail, so it must keep up with
 the MTA beside it. This script runs, in one bounded run on loopback, the same
-loads along three paths, each ending in Postfix's `smtp-sink`:
+loads along these paths, each ending in Postfix's `smtp-sink`:
 
 - smtp-source → smtp-sink (what the machine and the tools can do);
 - smtp-source → Postfix (a private instance: `relayhost` the sink, its own

@@ -245,7 +245,10 @@ def run_bare_proxy(port: int, upstream_port: int, shared: bool = False) -> None:
             try:
                 while server.upstream is None and idle:
                     kept = idle.pop()
-                    server.upstream = kept if kept.is_connected else None
+                    if kept.is_connected:
+                        server.upstream = kept
+                    else:
+                        kept.close()
                 if server.upstream is None or not server.upstream.is_connected:
                     server.upstream = aiosmtplib.SMTP(
                         hostname=HOST, port=upstream_port, start_tls=False,

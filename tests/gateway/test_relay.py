@@ -12,6 +12,7 @@ import email.policy
 import json
 import logging
 import random
+import threading
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -515,12 +516,16 @@ def with_attachment(raw: bytes, size: int) -> bytes:
 async def test_a_large_message_is_parsed_for_a_forward_only_past_the_header_vetoes(
         relay: Gateway, sink: Sink, team: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # Parsing a 1 MB attachment takes the email parser about 16 ms; most
-    # company mail never needs it.
+    # company mail never needs it, and no session waits for it: it is not
+    # done on the event loop's thread, nor on the store's (a look-up waits).
     parsed = []
     read_forward = message_module._read_forward
 
     def counted(msg: Any, subject: str) -> Any:
         parsed.append(subject)
+        thread = threading.current_thread()
+        assert thread is not threading.main_thread(), "read on the event loop's thread"
+        assert not thread.name.startswith("atsmail-store"), f"read on {thread.name}"
         return read_forward(msg, subject)
 
     monkeypatch.setattr(message_module, "_read_forward", counted)
